@@ -1,0 +1,145 @@
+"""Datasets: accept an upload only once grait can read every record of it."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.errors import APIError, not_found
+from app.models import ACTIVE_STATUSES, Dataset, Job, JobDataset, new_id
+from app.storage import Storage
+from grait.data import FORMATS, DataError, detect_format, load_records
+
+UPLOAD_FORMATS = ("auto", *FORMATS)
+
+
+def safe_filename(name: str | None) -> str:
+    base = Path(name or "dataset").name
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._") or "dataset"
+    return cleaned[:200]
+
+
+def inspect_file(path: Path, *, format: str, display_name: str) -> tuple[str, int, int]:
+    """(format, mcqa rows, oeqa rows), or a 422 naming the line and field at fault."""
+    if format not in UPLOAD_FORMATS:
+        raise APIError(
+            422,
+            "invalid_request",
+            f"format must be one of {', '.join(UPLOAD_FORMATS)}",
+            param="format",
+        )
+    try:
+        fmt = detect_format(path) if format == "auto" else format
+        records = load_records(path, fmt)
+    except DataError as exc:
+        where = ", ".join(
+            part
+            for part in (
+                f"line {exc.line}" if exc.line else "",
+                f"field '{exc.field}'" if exc.field else "",
+            )
+            if part
+        )
+        message = f"{display_name}: {where + ': ' if where else ''}{exc.reason}"
+        raise APIError(
+            422, "invalid_dataset", message, param="file", line=exc.line, field=exc.field
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise APIError(
+            422, "invalid_dataset", f"{display_name}: not UTF-8 text ({exc.reason})", param="file"
+        ) from None
+    except csv.Error as exc:
+        raise APIError(
+            422, "invalid_dataset", f"{display_name}: unreadable CSV ({exc})", param="file"
+        ) from None
+    mcqa = sum(1 for r in records if r.kind == "mcqa")
+    return fmt, mcqa, len(records) - mcqa
+
+
+def store_dataset(
+    *,
+    session: Session,
+    storage: Storage,
+    staged: Path,
+    filename: str,
+    name: str | None,
+    format: str,
+    size: int,
+    sha256: str,
+) -> Dataset:
+    """Validate the staged file, move it into storage and commit its row; on any failure remove it."""
+    display = safe_filename(filename)
+    stored_key: str | None = None
+    try:
+        fmt, mcqa, oeqa = inspect_file(staged, format=format, display_name=display)
+        dataset_id = new_id("ds")
+        stored_key = f"datasets/{dataset_id}/{display}"
+        storage.put_file(stored_key, staged, move=True)
+        row = Dataset(
+            id=dataset_id,
+            filename=display,
+            name=(name or "").strip() or Path(display).stem,
+            format=fmt,
+            kind="mcqa" if not oeqa else "oeqa" if not mcqa else "mixed",
+            rows=mcqa + oeqa,
+            mcqa_rows=mcqa,
+            oeqa_rows=oeqa,
+            bytes=size,
+            sha256=sha256,
+            storage_key=stored_key,
+        )
+        session.add(row)
+        session.commit()
+        return row
+    except BaseException:
+        session.rollback()
+        staged.unlink(missing_ok=True)
+        if stored_key:
+            storage.delete_prefix(str(Path(stored_key).parent))
+        raise
+
+
+def get_dataset(*, session: Session, dataset_id: str) -> Dataset:
+    row = session.get(Dataset, dataset_id)
+    if row is None:
+        raise not_found("dataset", dataset_id)
+    return row
+
+
+def list_datasets(*, session: Session, after: str | None, limit: int) -> list[Dataset]:
+    """Newest first; `after` is the last id of the previous page."""
+    query = select(Dataset).order_by(Dataset.id.desc()).limit(limit + 1)
+    if after:
+        query = query.where(Dataset.id < after)
+    return list(session.scalars(query))
+
+
+def delete_dataset(*, session: Session, storage: Storage, dataset_id: str) -> None:
+    row = session.scalar(select(Dataset).where(Dataset.id == dataset_id).with_for_update())
+    if row is None:
+        raise not_found("dataset", dataset_id)
+    users = list(
+        session.scalars(
+            select(Job.id)
+            .join(JobDataset, JobDataset.job_id == Job.id)
+            .where(JobDataset.dataset_id == dataset_id, Job.status.in_(ACTIVE_STATUSES))
+            .distinct()
+        )
+    )
+    if users:
+        raise APIError(
+            409,
+            "dataset_in_use",
+            f"Dataset {dataset_id} is used by active job(s) {', '.join(sorted(users))}; cancel them or wait.",
+            param="id",
+        )
+    # Finished jobs keep their history; their link just loses the file.
+    for link in session.scalars(select(JobDataset).where(JobDataset.dataset_id == dataset_id)):
+        link.dataset_id = None
+    session.delete(row)
+    session.commit()
+    storage.delete_prefix(str(Path(row.storage_key).parent))

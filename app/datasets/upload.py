@@ -1,0 +1,161 @@
+"""Stream one multipart upload straight to a staging file, counting bytes as they arrive.
+
+Starlette's `request.form()` would spool the whole body to a temp file before we could
+check its size; parsing the stream ourselves lets a too-large upload stop at the limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Request
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from app.errors import APIError
+
+MAX_FIELD_BYTES = 4096
+
+
+class UploadTooLarge(Exception):
+    pass
+
+
+@dataclass
+class ReceivedUpload:
+    path: Path | None = None
+    filename: str | None = None
+    size: int = 0
+    sha256: str = ""
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+async def receive_upload(
+    request: Request, staging: Path, *, max_bytes: int, file_field: str = "file"
+) -> ReceivedUpload:
+    """Write the `file_field` part to `staging`; collect small text fields. Raise on misuse."""
+    content_type, params = parse_options_header(request.headers.get("content-type", ""))
+    boundary = params.get(b"boundary")
+    if content_type != b"multipart/form-data" or not boundary:
+        raise APIError(
+            415,
+            "unsupported_media_type",
+            "Upload a file as multipart/form-data with a 'file' part.",
+            param="file",
+        )
+
+    result = ReceivedUpload()
+    digest = hashlib.sha256()
+    state: dict[str, object] = {
+        "headers": {},
+        "header_field": b"",
+        "header_value": b"",
+        "name": None,
+        "buf": None,
+    }
+    out = None
+    too_large = False
+
+    def on_part_begin() -> None:
+        state["headers"] = {}
+        state["name"] = None
+        state["buf"] = None
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        state["header_field"] = state["header_field"] + data[start:end]  # type: ignore[operator]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        state["header_value"] = state["header_value"] + data[start:end]  # type: ignore[operator]
+
+    def on_header_end() -> None:
+        headers = state["headers"]
+        headers[bytes(state["header_field"]).lower()] = bytes(state["header_value"])  # type: ignore[index]
+        state["header_field"] = b""
+        state["header_value"] = b""
+
+    def on_headers_finished() -> None:
+        nonlocal out
+        _disposition, opts = parse_options_header(state["headers"].get(b"content-disposition", b""))  # type: ignore[union-attr]
+        name = opts.get(b"name", b"").decode("utf-8", "replace")
+        state["name"] = name
+        if name == file_field and b"filename" in opts:
+            if out is not None:
+                raise APIError(
+                    400, "invalid_request", "Send exactly one 'file' part.", param="file"
+                )
+            result.filename = opts[b"filename"].decode("utf-8", "replace")
+            result.path = staging
+            out = staging.open("wb")
+        else:
+            state["buf"] = bytearray()
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        nonlocal too_large
+        chunk = data[start:end]
+        if state["name"] == file_field and state["buf"] is None:
+            result.size += len(chunk)
+            if result.size > max_bytes:
+                too_large = True
+                raise UploadTooLarge
+            digest.update(chunk)
+            out.write(chunk)  # type: ignore[union-attr]
+        else:
+            buf = state["buf"]
+            buf.extend(chunk)  # type: ignore[union-attr]
+            if len(buf) > MAX_FIELD_BYTES:  # type: ignore[arg-type]
+                raise APIError(
+                    400,
+                    "invalid_request",
+                    f"Form field {state['name']!r} is too long.",
+                    param=str(state["name"]),
+                )
+
+    def on_part_end() -> None:
+        if state["buf"] is not None and state["name"]:
+            result.fields[str(state["name"])] = bytes(state["buf"]).decode("utf-8", "replace")  # type: ignore[arg-type]
+
+    parser = MultipartParser(
+        boundary,
+        callbacks={
+            "on_part_begin": on_part_begin,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+        },
+    )
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if too_large:
+                if received > 2 * max_bytes + (1 << 20):
+                    break  # stop draining a huge body; the connection closes instead
+                continue  # drain the body so the client reads our 413 rather than a reset
+            try:
+                parser.write(chunk)
+            except UploadTooLarge:
+                pass
+        parser.finalize()
+    except BaseException:
+        if out is not None:
+            out.close()
+        staging.unlink(missing_ok=True)
+        raise
+    if out is not None:
+        out.close()
+    if too_large:
+        staging.unlink(missing_ok=True)
+        raise APIError(
+            413,
+            "payload_too_large",
+            f"The file exceeds the upload limit of {max_bytes} bytes.",
+            param="file",
+        )
+    if result.path is None:
+        raise APIError(400, "invalid_request", "The form has no 'file' part.", param="file")
+    result.sha256 = digest.hexdigest()
+    return result

@@ -1,0 +1,121 @@
+"""One error shape for every 4xx/5xx: `{"error": {"code", "message", "param"}}`.
+
+Programs branch on `code`; `param` names the request field at fault (dotted path), so a
+client can point at the exact input to fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (404, "Unknown id or route."),
+        (409, "Conflicts with the resource's state (e.g. dataset in use)."),
+        (413, "Upload too large."),
+        (422, "Invalid request; `param` names the field, e.g. `hyperparameters.training.epochs`."),
+    )
+}
+
+
+class APIError(Exception):
+    def __init__(
+        self, status: int, code: str, message: str, *, param: str | None = None, **extra: Any
+    ):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+        self.extra = extra
+
+
+def not_found(kind: str, id: str) -> APIError:
+    return APIError(404, "not_found", f"No {kind} with id {id!r}.", param="id")
+
+
+def error_body(code: str, message: str, param: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "param": param, **extra}}
+
+
+def loc_to_param(loc: tuple[Any, ...] | list[Any], *, skip_source: bool = True) -> str | None:
+    """('body', 'hyperparameters', 'training', 'epochs') -> 'hyperparameters.training.epochs'."""
+    parts = list(loc)
+    if skip_source and parts and parts[0] in ("body", "query", "path", "header", "cookie"):
+        parts = parts[1:]
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or None
+
+
+def validation_error_response(
+    errors: list[dict[str, Any]], *, prefix: str = "", skip_source: bool = True
+) -> JSONResponse:
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    param = loc_to_param(first.get("loc", ()), skip_source=skip_source)
+    if prefix:
+        param = f"{prefix}.{param}" if param else prefix
+    message = first.get("msg", "invalid request")
+    if param:
+        message = f"{param}: {message}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return JSONResponse(status_code=422, content=error_body("invalid_request", message, param))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(
+            status_code=exc.status,
+            content=error_body(exc.code, exc.message, exc.param, **exc.extra),
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error_response(list(exc.errors()))
+
+    @app.exception_handler(ValidationError)
+    async def _model_validation(_request: Request, exc: ValidationError) -> JSONResponse:
+        return validation_error_response(list(exc.errors()), skip_source=False)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+        code = codes.get(exc.status_code, "http_error")
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404 and message == "Not Found":
+            message = "No such route."
+        return JSONResponse(
+            status_code=exc.status_code,
+            content=error_body(code, message),
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unhandled(_request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(
+            status_code=500, content=error_body("internal_error", f"{type(exc).__name__}: {exc}")
+        )

@@ -1,0 +1,194 @@
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model
+
+from app.models import Artifact, Job, JobEvent
+from grait.config import DEFAULT_BASE_MODEL, JobConfig
+
+JobStatus = Literal["validating", "queued", "running", "succeeded", "failed", "cancelled"]
+ErrorCode = Literal[
+    "out_of_memory", "invalid_dataset", "worker_lost", "internal_error", "cancelled"
+]
+
+# Everything in JobConfig except what the job request names at top level or fills from datasets.
+_TOP_LEVEL = {"method", "base_model", "seed", "train", "evals"}
+HYPERPARAMETER_GROUPS = [name for name in JobConfig.model_fields if name not in _TOP_LEVEL]
+
+Hyperparameters = create_model(  # type: ignore[call-overload]
+    "Hyperparameters",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="Every pipeline knob, grouped by stage; omitted keys take the documented defaults.",
+    **{
+        name: (JobConfig.model_fields[name].annotation, JobConfig.model_fields[name])
+        for name in HYPERPARAMETER_GROUPS
+    },
+)
+
+
+class DatasetRef(BaseModel):
+    """A stored dataset, optionally cut down (shuffled with the job seed, then offset/limit)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    name: str | None = None
+    limit: int | None = Field(None, ge=1)
+    offset: int = Field(0, ge=0)
+    shuffle: bool = True
+
+
+def _id_to_ref(value: Any) -> Any:
+    return {"id": value} if isinstance(value, str) else value
+
+
+# A plain id string is shorthand for {"id": ...}; one model keeps error locations clean.
+DatasetInput = Annotated[
+    DatasetRef,
+    BeforeValidator(_id_to_ref),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "description": "dataset id"},
+                {"$ref": "#/components/schemas/DatasetRef"},
+            ]
+        }
+    ),
+]
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["grait", "grait-noweight", "random-idk", "rtuning", "van"] = Field(
+        "grait", description="`grait` or a baseline the library offers."
+    )
+    base_model: str = Field(
+        DEFAULT_BASE_MODEL,
+        min_length=1,
+        description="Alias from GET /v1/models, a local HF directory, or a hub id.",
+    )
+    train_dataset: DatasetInput
+    eval_datasets: list[DatasetInput] = Field(
+        default_factory=list,
+        max_length=16,
+        description="First = in-distribution, the rest out-of-distribution.",
+    )
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)  # type: ignore[valid-type]
+    seed: int = 0
+    suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobObject(BaseModel):
+    id: str
+    object: Literal["grait.job"] = "grait.job"
+    status: JobStatus
+    method: str
+    base_model: str
+    train_dataset: str | None
+    eval_datasets: list[str | None]
+    hyperparameters: dict[str, Any]
+    seed: int
+    suffix: str | None
+    metadata: dict[str, str] | None
+    stage: str | None = Field(description="Current pipeline stage while running.")
+    percent: float = Field(description="0-100, over all stages.")
+    eta_seconds: float | None
+    cancel_requested: bool
+    error: JobError | None
+    attempts: int
+    created_at: int
+    started_at: int | None
+    finished_at: int | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobObject:
+        train = next((link.dataset_id for link in job.datasets if link.role == "train"), None)
+        evals = [link.dataset_id for link in job.datasets if link.role == "eval"]
+        return cls(
+            id=job.id,
+            status=job.status,  # type: ignore[arg-type]
+            method=job.method,
+            base_model=job.base_model,
+            train_dataset=train,
+            eval_datasets=evals,
+            hyperparameters=job.hyperparameters,
+            seed=job.seed,
+            suffix=job.suffix,
+            metadata=job.user_metadata,
+            stage=job.stage,
+            percent=round(job.percent or 0.0, 2),
+            eta_seconds=None if job.eta_seconds is None else round(job.eta_seconds, 1),
+            cancel_requested=job.cancel_requested,
+            error=JobError(code=job.error_code, message=job.error_message or "")
+            if job.error_code
+            else None,
+            attempts=job.attempts,
+            created_at=_ts(job.created_at),  # type: ignore[arg-type]
+            started_at=_ts(job.started_at),
+            finished_at=_ts(job.finished_at),
+        )
+
+
+def _ts(value: Any) -> int | None:
+    return None if value is None else int(value.timestamp())
+
+
+EVENT_PREFIX = "event-"
+
+
+class EventObject(BaseModel):
+    id: str
+    object: Literal["grait.job.event"] = "grait.job.event"
+    created_at: float
+    level: Literal["info", "warning", "error"]
+    type: str = Field(
+        description="status | stage_started | stage_completed | stage_skipped | progress | metrics | warning | error"
+    )
+    stage: str | None
+    message: str
+    data: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, row: JobEvent) -> EventObject:
+        return cls(
+            id=f"{EVENT_PREFIX}{row.id}",
+            created_at=round(row.created_at.timestamp(), 3),
+            level=row.level,  # type: ignore[arg-type]
+            type=row.type,
+            stage=row.stage,
+            message=row.message,
+            data=row.data,
+        )
+
+
+class ArtifactObject(BaseModel):
+    id: str
+    object: Literal["grait.job.artifact"] = "grait.job.artifact"
+    job_id: str
+    kind: str = Field(description="adapter | report_json | report_md | report_plot | train_set")
+    filename: str
+    content_type: str
+    bytes: int
+    created_at: int
+    download_url: str
+
+    @classmethod
+    def of(cls, row: Artifact) -> ArtifactObject:
+        return cls(
+            id=row.id,
+            job_id=row.job_id,
+            kind=row.kind,
+            filename=row.filename,
+            content_type=row.content_type,
+            bytes=row.bytes,
+            created_at=int(row.created_at.timestamp()),
+            download_url=f"/v1/jobs/{row.job_id}/artifacts/{row.id}/content",
+        )

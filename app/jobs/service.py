@@ -1,0 +1,273 @@
+"""Jobs: validate at submit, commit, then publish; cancel; read events and artifacts.
+
+A spec is checked by building the same `grait.config.JobConfig` the worker will run, so an
+invalid job fails here with a 422 and never reaches a GPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, selectinload
+
+from app.errors import APIError, loc_to_param, not_found
+from app.jobs.schemas import EVENT_PREFIX, DatasetRef, JobCreate
+from app.models import Artifact, Dataset, Job, JobDataset, JobEvent, new_id, utcnow
+from app.storage import Storage
+from grait.config import DatasetSpec, JobConfig
+from grait.registry import KNOWN_MODELS
+
+
+def build_job_config(
+    *,
+    method: str,
+    base_model: str,
+    seed: int,
+    hyperparameters: dict[str, Any],
+    datasets: list[tuple[str, str, dict[str, Any]]],
+) -> JobConfig:
+    """The library's config from a job: `datasets` = [(local path, format, options)], train first."""
+    specs = [DatasetSpec(path=path, format=fmt, **options) for path, fmt, options in datasets]  # type: ignore[arg-type]
+    return JobConfig(
+        method=method,
+        base_model=base_model,
+        seed=seed,
+        train=specs[0],
+        evals=specs[1:],
+        **hyperparameters,
+    )  # type: ignore[arg-type]
+
+
+def _check_base_model(base_model: str) -> None:
+    if base_model in KNOWN_MODELS:
+        return
+    looks_like_path = base_model.startswith(("/", ".", "~"))
+    if looks_like_path:
+        path = Path(base_model).expanduser()
+        if not (path / "config.json").is_file():
+            raise APIError(
+                422,
+                "invalid_request",
+                f"base_model {base_model!r} is not a Hugging Face model directory (no config.json there).",
+                param="base_model",
+            )
+        return
+    if base_model.count("/") != 1:
+        known = ", ".join(sorted(KNOWN_MODELS))
+        raise APIError(
+            422,
+            "invalid_request",
+            f"base_model {base_model!r} is neither a known alias ({known}), a local directory, nor a hub id 'org/name'.",
+            param="base_model",
+        )
+
+
+def _event(
+    job_id: str,
+    type: str,
+    message: str,
+    *,
+    level: str = "info",
+    stage: str | None = None,
+    data: dict | None = None,
+) -> JobEvent:
+    return JobEvent(job_id=job_id, type=type, level=level, stage=stage, message=message, data=data)
+
+
+def create_job(*, session: Session, storage: Storage, request: JobCreate) -> Job:
+    refs: list[tuple[str, DatasetRef]] = [("train_dataset", request.train_dataset)]
+    refs += [(f"eval_datasets[{i}]", ref) for i, ref in enumerate(request.eval_datasets)]
+    ids = {ref.id for _, ref in refs}
+    # FOR SHARE: a concurrent DELETE of one of these datasets waits for this job to commit.
+    found = {
+        row.id: row
+        for row in session.scalars(
+            select(Dataset).where(Dataset.id.in_(ids)).with_for_update(read=True)
+        )
+    }
+    for param, ref in refs:
+        if ref.id not in found:
+            raise APIError(422, "dataset_not_found", f"No dataset with id {ref.id!r}.", param=param)
+    _check_base_model(request.base_model)
+
+    hyper = request.hyperparameters.model_dump(mode="json")
+    specs = [
+        (
+            str(storage.local_path(found[ref.id].storage_key)),
+            found[ref.id].format,
+            _options(ref, found[ref.id]),
+        )
+        for _, ref in refs
+    ]
+    try:
+        build_job_config(
+            method=request.method,
+            base_model=request.base_model,
+            seed=request.seed,
+            hyperparameters=hyper,
+            datasets=specs,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = _config_param(first["loc"])
+        raise APIError(422, "invalid_request", f"{param}: {first['msg']}", param=param) from None
+
+    job = Job(
+        id=new_id("job"),
+        status="validating",
+        method=request.method,
+        base_model=request.base_model,
+        seed=request.seed,
+        suffix=request.suffix,
+        hyperparameters=hyper,
+        user_metadata=request.metadata,
+        percent=0.0,
+        cancel_requested=False,
+        attempts=0,
+    )
+    for position, (_, ref) in enumerate(refs):
+        job.datasets.append(
+            JobDataset(
+                position=position,
+                dataset_id=ref.id,
+                role="train" if position == 0 else "eval",
+                options=_options(ref, found[ref.id]),
+            )
+        )
+    session.add(job)
+    session.flush()
+    job.status = "queued"
+    session.add(_event(job.id, "status", "Job validated and queued.", data={"status": "queued"}))
+    session.commit()
+    return job
+
+
+def _options(ref: DatasetRef, dataset: Dataset) -> dict[str, Any]:
+    return {
+        "name": ref.name or dataset.name,
+        "limit": ref.limit,
+        "offset": ref.offset,
+        "shuffle": ref.shuffle,
+    }
+
+
+def _config_param(loc: tuple[Any, ...]) -> str:
+    """Map a JobConfig error location back onto the request's field names."""
+    if not loc:
+        return "hyperparameters"
+    head, rest = loc[0], tuple(loc[1:])
+    if head == "train":
+        return loc_to_param(("train_dataset", *rest), skip_source=False) or "train_dataset"
+    if head == "evals":
+        index = rest[0] if rest else 0
+        return (
+            loc_to_param(("eval_datasets", index, *rest[1:]), skip_source=False) or "eval_datasets"
+        )
+    if head in ("method", "base_model", "seed"):
+        return str(head)
+    return loc_to_param(("hyperparameters", *loc), skip_source=False) or "hyperparameters"
+
+
+def mark_published(*, session: Session, job_id: str) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+    session.commit()
+
+
+def get_job(*, session: Session, job_id: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id).options(selectinload(Job.datasets)))
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+def list_jobs(*, session: Session, after: str | None, limit: int, status: str | None) -> list[Job]:
+    query = select(Job).options(selectinload(Job.datasets)).order_by(Job.id.desc()).limit(limit + 1)
+    if after:
+        query = query.where(Job.id < after)
+    if status:
+        query = query.where(Job.status == status)
+    return list(session.scalars(query))
+
+
+def cancel_job(*, session: Session, job_id: str) -> Job:
+    """Queued: cancelled now. Running: flag it; the worker stops at the next step boundary."""
+    job = get_job(session=session, job_id=job_id)
+    now = utcnow()
+    # Conditional update: a worker claiming the job at this instant wins or loses cleanly.
+    cancelled_now = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(("validating", "queued")))
+        .values(
+            status="cancelled",
+            error_code="cancelled",
+            error_message="Cancelled before it started.",
+            finished_at=now,
+            cancel_requested=True,
+            stage=None,
+            eta_seconds=None,
+        )
+    ).rowcount
+    if cancelled_now:
+        session.add(
+            _event(
+                job_id, "status", "Job cancelled before it started.", data={"status": "cancelled"}
+            )
+        )
+    else:
+        session.refresh(job)
+        if job.status == "running":
+            if not job.cancel_requested:
+                job.cancel_requested = True
+                session.add(
+                    _event(
+                        job_id,
+                        "status",
+                        "Cancel requested; the job stops at the next step boundary.",
+                        data={"status": "running", "cancel_requested": True},
+                    )
+                )
+        elif job.status in ("succeeded", "failed"):
+            raise APIError(
+                409, "job_not_cancellable", f"Job {job_id} already {job.status}.", param="id"
+            )
+    session.commit()
+    session.expire_all()
+    return get_job(session=session, job_id=job_id)
+
+
+def list_events(*, session: Session, job_id: str, after: str | None, limit: int) -> list[JobEvent]:
+    """Oldest first; `after` is an event id (the `last_id` of the previous page)."""
+    get_job(session=session, job_id=job_id)
+    query = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id).limit(limit + 1)
+    if after:
+        number = after.removeprefix(EVENT_PREFIX)
+        if not number.isdigit():
+            raise APIError(
+                422,
+                "invalid_request",
+                f"after must be an event id like '{EVENT_PREFIX}12'.",
+                param="after",
+            )
+        query = query.where(JobEvent.id > int(number))
+    return list(session.scalars(query))
+
+
+def list_artifacts(*, session: Session, job_id: str) -> list[Artifact]:
+    get_job(session=session, job_id=job_id)
+    return list(
+        session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.id))
+    )
+
+
+def get_artifact(*, session: Session, job_id: str, artifact_id: str) -> Artifact:
+    row = session.get(Artifact, artifact_id)
+    if row is None or row.job_id != job_id:
+        raise not_found("artifact", artifact_id)
+    return row
+
+
+def count_by_status(*, session: Session) -> dict[str, int]:
+    return dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())  # type: ignore[arg-type]

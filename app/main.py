@@ -1,0 +1,50 @@
+"""The FastAPI application: routers by domain, one error shape, metrics, embedded worker."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import health
+from app.datasets.router import router as datasets_router
+from app.embedded import EmbeddedWorker
+from app.errors import install_error_handlers
+from app.jobs.router import router as jobs_router
+from app.models_api.router import router as models_router
+from app.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app() -> FastAPI:
+    settings = get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.ensure_dirs()
+        worker = EmbeddedWorker(settings) if settings.starts_embedded_worker else None
+        app.state.embedded_worker = worker
+        if worker:
+            worker.start()
+        try:
+            yield
+        finally:
+            if worker:
+                worker.stop()
+
+    app = FastAPI(
+        title="GRAIT service",
+        version="0.1.0",
+        description="Refusal-aware instruction tuning (GRAIT) jobs over HTTP.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    health.install_metrics(app, settings)
+    app.include_router(health.router)
+    app.include_router(datasets_router)
+    app.include_router(jobs_router)
+    app.include_router(models_router)
+    return app

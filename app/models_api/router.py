@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+
+from grait.registry import describe_models
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+def _model_object(info: dict[str, Any]) -> dict[str, Any]:
+    return {"object": "model", **info}
+
+
+@router.get("")
+async def list_models() -> dict[str, Any]:
+    """Base models workers can load by alias, and where their weights come from. Any local
+    Hugging Face directory or hub id is accepted as `base_model` too."""
+    models = [_model_object(m) for m in await run_in_threadpool(describe_models)]
+    return {
+        "object": "list",
+        "data": models,
+        "has_more": False,
+        "first_id": models[0]["id"] if models else None,
+        "last_id": models[-1]["id"] if models else None,
+    }

@@ -1,0 +1,75 @@
+"""The Celery side of the service that both the API (publisher) and workers (consumers) share.
+
+The API never imports the task code: it publishes by name. A message only says "look at job
+X"; the job row is the truth (status, attempts, heartbeat), because the embedded transport
+delivers at most once and a redelivered Redis message may race a sweeper re-queue.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+
+from app.settings import Settings, get_settings
+
+RUN_JOB_TASK = "grait.run_job"
+log = logging.getLogger(__name__)
+
+
+def make_celery(settings: Settings) -> Celery:
+    celery = Celery("grait", broker=settings.broker_url, set_as_current=False)
+    transport_options: dict[str, object] = {}
+    conf: dict[str, object] = {}
+    if settings.embedded_broker:
+        folder = str(settings.broker_dir / "queue")
+        transport_options = {
+            "data_folder_in": folder,
+            "data_folder_out": folder,
+            "processed_folder": str(settings.broker_dir / "processed"),
+            "store_processed": False,
+            "polling_interval": settings.broker_polling_interval,
+        }
+        # Broadcast control needs fanout exchanges; the embedded worker has no use for them.
+        conf["worker_enable_remote_control"] = False
+    elif settings.broker_url.startswith(("redis://", "rediss://")):
+        transport_options = {"visibility_timeout": 6 * 3600}
+        if settings.broker_key_prefix:
+            transport_options["global_keyprefix"] = settings.broker_key_prefix
+    celery.conf.update(
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        task_default_queue=settings.queue,
+        task_routes={RUN_JOB_TASK: {"queue": settings.queue}},
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_hijack_root_logger=False,
+        **conf,
+    )
+    return celery
+
+
+_clients: dict[str, Celery] = {}
+
+
+def _client(settings: Settings) -> Celery:
+    key = settings.model_dump_json()
+    if key not in _clients:
+        _clients[key] = make_celery(settings)
+    return _clients[key]
+
+
+def publish_job(job_id: str, settings: Settings | None = None) -> bool:
+    """Send 'run job X' to the GPU queue; call only after the job row is committed."""
+    settings = settings or get_settings()
+    try:
+        _client(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=settings.queue)
+        return True
+    except Exception:  # the sweeper republishes queued jobs that were never sent
+        log.exception("could not publish job %s", job_id)
+        return False

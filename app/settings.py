@@ -1,0 +1,104 @@
+"""Typed settings for the API and the workers, read once from `GRAIT_*` environment variables.
+
+The defaults describe the embedded one-machine mode: SQLite for the database and Celery's
+filesystem transport for the queue, both under `./var`, so `python -m app` needs no servers.
+Production sets `GRAIT_DATABASE_URL` (Postgres) and `GRAIT_BROKER_URL` (Redis).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_BROKER = "filesystem://"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GRAIT_", extra="ignore")
+
+    # Where things live
+    database_url: str = "sqlite:///./var/grait.db"
+    broker_url: str = Field(
+        EMBEDDED_BROKER,
+        description="Celery broker. `filesystem://` = embedded queue in `broker_dir` (one machine).",
+    )
+    broker_dir: Path = Path("./var/broker")
+    storage_dir: Path = Field(
+        Path("./var/storage"), description="Uploaded datasets and job artifacts."
+    )
+    runs_dir: Path = Field(
+        Path("./var/runs"), description="Worker scratch: per-job stage checkpoints."
+    )
+
+    # Queue
+    queue: str = Field("gpu", description="Queue the API publishes jobs to and workers consume.")
+    broker_key_prefix: str = Field(
+        "", description="Redis key prefix, to share one Redis between services."
+    )
+    broker_polling_interval: float = Field(
+        0.2, gt=0, description="Embedded queue polling, seconds."
+    )
+
+    # API
+    url: str = Field(
+        "http://127.0.0.1:8000", description="Where the client commands reach the service."
+    )
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    embedded_worker: Literal["auto", "true", "false"] = Field(
+        "auto",
+        description="Start a worker subprocess with the API; auto = when the broker is embedded.",
+    )
+
+    # Workers and crash recovery
+    heartbeat_seconds: float = Field(
+        10.0, gt=0, description="How often a running job proves it is alive."
+    )
+    stale_after_seconds: float = Field(
+        120.0, gt=0, description="A running job silent this long is stale."
+    )
+    sweep_interval_seconds: float = Field(30.0, gt=0)
+    max_attempts: int = Field(
+        3, ge=1, description="Starts of one job before it fails with worker_lost."
+    )
+    progress_write_seconds: float = Field(
+        2.0, ge=0, description="Minimum gap between progress rows."
+    )
+    cancel_check_seconds: float = Field(
+        1.0, ge=0, description="Minimum gap between cancel-flag reads."
+    )
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url.startswith(EMBEDDED_BROKER)
+
+    @property
+    def starts_embedded_worker(self) -> bool:
+        if self.embedded_worker == "auto":
+            return self.embedded_broker
+        return self.embedded_worker == "true"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def ensure_dirs(self) -> None:
+        for folder in (self.storage_dir, self.runs_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        if self.embedded_broker:
+            (self.broker_dir / "queue").mkdir(parents=True, exist_ok=True)
+            (self.broker_dir / "processed").mkdir(parents=True, exist_ok=True)
+        if self.is_sqlite and self.database_url.startswith("sqlite:///"):
+            db_path = self.database_url.removeprefix("sqlite:///")
+            if db_path and db_path != ":memory:":
+                Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

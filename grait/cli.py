@@ -1,0 +1,202 @@
+"""`grait` command line: run a job, validate a data file, prepare the packaged model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from grait.config import METHODS, JobConfig
+from grait.data import DataError, load_records
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: str) -> None:
+    """`--set training.epochs=2`: the value is parsed as YAML (numbers, lists, booleans)."""
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise SystemExit(f"--set {dotted}: {key} is not a group")
+    node[keys[-1]] = yaml.safe_load(value)
+
+
+class _Bars:
+    """One tqdm bar per stage, fed by pipeline events."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+        self.stage = ""
+
+    def __call__(self, event: Any) -> None:
+        if event.kind == "stage_started":
+            self._close()
+            self.stage = event.stage
+            self.bar = tqdm(desc=event.stage, total=None, unit="step", leave=True, file=sys.stderr)
+        elif event.kind == "progress" and self.bar is not None and event.stage == self.stage:
+            if event.total and self.bar.total != event.total:
+                self.bar.total = event.total
+            self.bar.n = event.done
+            self.bar.refresh()
+        elif event.kind == "stage_completed":
+            self._close()
+            tqdm.write(f"  {event.message}", file=sys.stderr)
+        elif event.kind == "stage_skipped":
+            tqdm.write(f"  {event.stage}: skipped ({event.message})", file=sys.stderr)
+        elif event.kind == "warning":
+            tqdm.write(f"  warning: {event.message}", file=sys.stderr)
+        elif event.kind == "metrics" and event.stage != "training":
+            tqdm.write(f"  {event.stage}: {json.dumps(event.data)}", file=sys.stderr)
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from grait.pipeline import run_pipeline  # heavy (torch): only when running
+
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if args.config:
+        raw = yaml.safe_load(Path(args.config).read_text()) or {}
+        base = Path(args.config).resolve().parent
+    if args.train:
+        raw["train"] = {"path": args.train}
+    if args.eval:
+        raw["evals"] = [{"path": p} for p in args.eval]
+    if args.method:
+        raw["method"] = args.method
+    if args.model:
+        raw["base_model"] = args.model
+    if args.seed is not None:
+        raw["seed"] = args.seed
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        _set_path(raw, key, value)
+    for spec in [raw.get("train")] + list(raw.get("evals") or []):
+        if isinstance(spec, dict) and "path" in spec and not Path(spec["path"]).is_absolute():
+            spec["path"] = str((base / spec["path"]).resolve())
+    try:
+        config = JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        print(f"invalid job spec:\n{exc}", file=sys.stderr)
+        return 2
+    name = Path(args.config).stem if args.config else "run"
+    run_dir = Path(args.run_dir or Path("runs") / f"{name}-{config.method}-seed{config.seed}")
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    started = time.perf_counter()
+    try:
+        result = run_pipeline(config, run_dir, progress=_Bars())
+    except DataError as exc:
+        print(f"data error: {exc}", file=sys.stderr)
+        return 2
+    print(f"done in {time.perf_counter() - started:.0f}s")
+    print(f"adapter: {result.adapter_dir}")
+    for key in ("report_md", "report_json", "report_plot", "train_set"):
+        if key in result.artifacts:
+            print(f"{key.replace('_', ' ')}: {result.artifacts[key]}")
+    for ev in result.report.get("evals", []):
+        tuned = ev["models"][-1]
+        ths = "n/a" if tuned["ths"] is None else f"{tuned['ths']:.3f}"
+        print(
+            f"  {ev['name']}: P_c={tuned['correct']:.3f} P_w={tuned['wrong']:.3f} "
+            f"P_r={tuned['refused']:.3f} THS={ths}"
+        )
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        records = load_records(args.file, args.format)
+    except DataError as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 1
+    kinds = Counter(r.kind for r in records)
+    options = Counter(len(r.options) for r in records if r.kind == "mcqa")
+    print(f"valid: {len(records)} records ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})")
+    if options:
+        print("options per question: " + ", ".join(f"{k}: {v}" for k, v in sorted(options.items())))
+    return 0
+
+
+def cmd_models_prepare(args: argparse.Namespace) -> int:
+    from grait.models import prepare_model
+
+    started = time.perf_counter()
+    path = prepare_model(args.alias, force=args.force)
+    print(f"{args.alias}: {path} ({time.perf_counter() - started:.1f}s)")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from grait.registry import describe_models
+
+    for m in describe_models():
+        state = "prepared" if m["prepared"] else ("installed" if m["installed"] else "missing")
+        print(f"{m['id']}\t{state}\t{m['source']}\t{m['path']}")
+    return 0
+
+
+def cmd_config_defaults(args: argparse.Namespace) -> int:
+    schema = JobConfig.model_validate({"train": {"path": "TRAIN.jsonl"}}).model_dump(mode="json")
+    print(yaml.safe_dump(schema, sort_keys=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grait", description="Refusal-aware instruction tuning (GRAIT)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a job spec (YAML) and print where the adapter and report are")
+    run.add_argument("config", nargs="?", help="job spec YAML")
+    run.add_argument("--run-dir", help="where outputs go (rerun with the same dir resumes)")
+    run.add_argument("--method", choices=METHODS)
+    run.add_argument("--model", help="base model alias, directory or hub id")
+    run.add_argument("--train", help="training data file (overrides the spec)")
+    run.add_argument("--eval", action="append", help="eval data file (repeatable)")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a knob, e.g. training.epochs=2")
+    run.set_defaults(func=cmd_run)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    validate = data.add_parser("validate", help="check a QA file and count its records")
+    validate.add_argument("file")
+    validate.add_argument("--format", default="auto", choices=["auto", "canonical", "mmlu", "arc", "nq"])
+    validate.set_defaults(func=cmd_validate)
+
+    models = sub.add_parser("models", help="base models").add_subparsers(dest="models_command", required=True)
+    prepare = models.add_parser("prepare", help="convert the packaged GGUF model into the local cache once")
+    prepare.add_argument("alias", nargs="?", default="smollm2-135m-instruct")
+    prepare.add_argument("--force", action="store_true")
+    prepare.set_defaults(func=cmd_models_prepare)
+    models.add_parser("list", help="known models and their state").set_defaults(func=cmd_models_list)
+
+    config = sub.add_parser("config", help="job spec tools").add_subparsers(dest="config_command", required=True)
+    config.add_parser("defaults", help="print every knob with its default").set_defaults(func=cmd_config_defaults)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

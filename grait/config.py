@@ -1,0 +1,183 @@
+"""One typed job spec for the whole pipeline.
+
+The CLI, the service and the benchmarks all build this object, so a knob exists in one place
+with one default. Defaults follow `docs/grait.md`; where the paper's value is for a 7B+
+model on a GPU (LoRA rank, batch size) the default is scaled for a small model and says so.
+This module imports no torch, so the web layer can validate specs with it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Method = Literal["grait", "grait-noweight", "random-idk", "rtuning", "van"]
+METHODS: tuple[str, ...] = ("grait", "grait-noweight", "random-idk", "rtuning", "van")
+DataFormat = Literal["auto", "canonical", "mmlu", "arc", "nq"]
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+REFUSAL = "I don't know."
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo in a spec must not silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(_Strict):
+    """A QA file (or folder of MMLU CSVs) and how to read it."""
+
+    path: str
+    format: DataFormat = "auto"
+    name: str | None = Field(None, description="Label in reports; defaults to the file name.")
+    limit: int | None = Field(None, ge=1, description="Keep the first N records (after shuffling with the job seed when `shuffle`).")
+    offset: int = Field(0, ge=0, description="Skip the first N records (after shuffling); lets one file give disjoint train/eval parts.")
+    shuffle: bool = Field(True, description="Shuffle with the job seed before offset/limit, so excerpts mix subjects.")
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).stem
+
+
+class KnowledgeConfig(_Strict):
+    """Stage 1: ask the base model each training question."""
+
+    scorer: Literal["auto", "letter", "cloze"] = Field(
+        "auto", description="MCQA scorer; `auto` = cloze for models under 3B parameters, else letter."
+    )
+    tau: float = Field(0.5, ge=0.0, le=1.0, description="c(x) >= tau means known (ik).")
+    k_samples: int = Field(10, ge=1, description="OEQA: sampled answers per question (plus one greedy).")
+    temperature: float = Field(1.0, gt=0.0, description="OEQA sampling temperature.")
+    max_new_tokens: int = Field(24, ge=1, description="OEQA: tokens per sampled answer.")
+    n_ik: int | None = Field(None, ge=0, description="Known samples kept (most certain first); None = all.")
+    n_idk: int | None = Field(None, ge=0, description="Unknown samples selected; None = n_ik / ik_idk_ratio.")
+    ik_idk_ratio: float = Field(4.0, gt=0.0, description="Default ik:idk budget ratio (release: 4000:1000).")
+    batch_size: int = Field(16, ge=1)
+
+
+class LoraConfigSpec(_Strict):
+    """LoRA adapter shape. The release uses r=64 on an 8B model; r=8 suits 135M-1B on CPU."""
+
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+class WarmupConfig(_Strict):
+    """Stage 2a: a short LoRA warm-up whose AdamW moments precondition the features."""
+
+    fraction: float = Field(0.05, gt=0.0, le=1.0, description="Share of the RAIT data trained on.")
+    min_samples: int = Field(8, ge=1, description="Floor on the warm-up set size for small datasets.")
+    epochs: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0.0)
+    batch_size: int = Field(8, ge=1)
+
+
+class FeaturesConfig(_Strict):
+    """Stage 2b: per-sample LoRA gradient features (LESS)."""
+
+    dim: int = Field(8192, ge=8, description="Projection dimension d.")
+    preconditioner: Literal["adam", "rms", "none"] = "adam"
+    projection: Literal["sparse", "dense"] = Field(
+        "sparse", description="sparse JL (hash + sign, blockwise) or a dense Gaussian matrix (small P only)."
+    )
+    sparse_blocks: int = Field(4, ge=1, description="s: each coordinate lands once in each of s blocks of d/s.")
+    batch_size: int = Field(16, ge=1)
+    adam_eps: float = Field(1e-8, gt=0.0)
+
+
+class SelectionConfig(_Strict):
+    """Stage 2c: greedy idk selection, score = I_idk - lam*I_ik + mu*VAN - rho*max_sim."""
+
+    lam: float = Field(1.0, description="Weight of the over-refusal term I_ik.")
+    mu: float = Field(1.0, description="Weight of the agreement with kept ik answers.")
+    rho: float = Field(0.0, description="Weight of the redundancy penalty (max sim to selected).")
+    block_rows: int = Field(4096, ge=1, description="Rows per block when streaming stored features.")
+
+
+class WeightingConfig(_Strict):
+    """Stage 3: w = N * softmax(-(I_ik - I_idk)/T), clipped."""
+
+    temperature: float = Field(0.05, gt=0.0)
+    w_min: float = Field(0.1, ge=0.0)
+    w_max: float = Field(5.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WeightingConfig:
+        if self.w_min > self.w_max:
+            raise ValueError(f"w_min ({self.w_min}) must not exceed w_max ({self.w_max})")
+        return self
+
+
+class TrainingConfig(_Strict):
+    """Weighted LoRA SFT. Release: lr 2e-4, cosine, 3% warm-up, 3 epochs, batch 16, clip 1."""
+
+    epochs: float = Field(3.0, gt=0.0)
+    learning_rate: float = Field(2e-4, gt=0.0)
+    batch_size: int = Field(16, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    max_length: int = Field(512, ge=16, description="Prompt + answer tokens; longer prompts are cut from the left.")
+    grad_clip: float = Field(1.0, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
+class EvalConfig(_Strict):
+    """Greedy generation with the RAIT prompt, scored as correct / wrong / refused."""
+
+    max_new_tokens: int = Field(24, ge=1)
+    batch_size: int = Field(16, ge=1)
+    eval_base_refuse_prompt: bool = Field(
+        True, description="Also report the base model told it may refuse (Init-Refuse)."
+    )
+
+
+class JobConfig(_Strict):
+    """Everything a GRAIT (or baseline) run needs; `grait run` reads it from YAML."""
+
+    method: Method = "grait"
+    base_model: str = Field(DEFAULT_BASE_MODEL, description="Alias, local HF directory or hub id.")
+    train: DatasetSpec
+    evals: list[DatasetSpec] = Field(default_factory=list, description="First = in-distribution.")
+    seed: int = 0
+    refusal: str = REFUSAL
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    knowledge: KnowledgeConfig = Field(default_factory=KnowledgeConfig)
+    lora: LoraConfigSpec = Field(default_factory=LoraConfigSpec)
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    weighting: WeightingConfig = Field(default_factory=WeightingConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("refusal")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the refusal target must not be empty")
+        return value
+
+    @property
+    def uses_features(self) -> bool:
+        """Only the gradient-selected methods pay for Stage 2."""
+        return self.method in ("grait", "grait-noweight")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> JobConfig:
+        """Read a spec; relative data paths resolve against the YAML file's folder."""
+        path = Path(path)
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        base = path.resolve().parent
+        for spec in [raw.get("train")] + list(raw.get("evals") or []):
+            if isinstance(spec, dict) and "path" in spec and not Path(spec["path"]).is_absolute():
+                spec["path"] = str((base / spec["path"]).resolve())
+        return cls.model_validate(raw)

@@ -1,0 +1,51 @@
+"""Evaluation: greedy answers scored as correct / wrong / refused, and THS against the base.
+
+grait.md, "Evaluation": the tuned model answers with the refusal-allowed (RAIT) prompt; the
+base model's plain-prompt rates (P_c0, P_w0) are the THS reference (Init-Basic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from grait.data import QARecord
+from grait.generation import generate
+from grait.prompts import question_message, render_prompt
+from grait.scoring import Outcome, Rates, score_response, ths
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """One model's answers on one eval set."""
+
+    responses: list[str]
+    outcomes: list[Outcome]
+
+    @property
+    def rates(self) -> Rates:
+        return Rates.from_outcomes(self.outcomes)
+
+
+def answer_and_score(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[QARecord],
+    *,
+    allow_refusal: bool,
+    refusal: str,
+    max_new_tokens: int,
+    batch_size: int,
+    tick: Callable[[int], None] | None = None,
+) -> EvalRun:
+    prompts = [render_prompt(tokenizer, question_message(r, allow_refusal=allow_refusal, refusal=refusal)) for r in records]
+    responses = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, tick=tick)
+    return EvalRun(responses, [score_response(r, text) for r, text in zip(records, responses)])
+
+
+def model_entry(name: str, run: EvalRun, base: Rates) -> dict[str, object]:
+    """A report row: rates and THS against the base model's rates."""
+    r = run.rates
+    return {"name": name, "n": r.n, "correct": r.correct, "wrong": r.wrong, "refused": r.refused, "ths": ths(r, base)}

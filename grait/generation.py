@@ -1,0 +1,97 @@
+"""Batched text generation, greedy or sampled, with left padding."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import overload
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@overload
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    num_samples: None = None,
+    temperature: float = 1.0,
+    tick: Callable[[int], None] | None = None,
+) -> list[str]: ...
+
+
+@overload
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    num_samples: int,
+    temperature: float = 1.0,
+    tick: Callable[[int], None] | None = None,
+) -> list[list[str]]: ...
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    num_samples: int | None = None,
+    temperature: float = 1.0,
+    tick: Callable[[int], None] | None = None,
+) -> list[str] | list[list[str]]:
+    """Greedy when `num_samples` is None (one string per prompt), else that many samples each.
+
+    Prompts are sorted by length so a batch pads little; results come back in input order.
+    """
+    device = next(model.parameters()).device
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    results: list[object] = [None] * len(prompts)
+    eos = [t for t in {tokenizer.eos_token_id, tokenizer.pad_token_id} if t is not None]
+    was_training = model.training
+    model.eval()
+    done = 0
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(idx):
+            ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]) :] = 1
+        sampling = num_samples is not None
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=sampling,
+            temperature=temperature if sampling else None,
+            top_p=None,
+            top_k=None,
+            num_return_sequences=num_samples or 1,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        texts = [t.strip() for t in texts]
+        for row, i in enumerate(idx):
+            if sampling:
+                results[i] = texts[row * num_samples : (row + 1) * num_samples]
+            else:
+                results[i] = texts[row]
+        done += len(idx)
+        if tick:
+            tick(done)
+    if was_training:
+        model.train()
+    return results  # type: ignore[return-value]

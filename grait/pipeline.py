@@ -1,0 +1,577 @@
+"""Runs a job spec stage by stage in a run directory, resumable after a crash.
+
+Each stage writes its outputs into `run_dir/<stage>/` and only then records itself as done
+in `manifest.json` (atomically), so a rerun skips exactly the stages that finished and redoes
+one that was cut off. Every stage reseeds from the job seed, which makes a resumed run give
+the same result as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
+
+from grait.config import JobConfig
+from grait.data import QARecord, load_records, read_jsonl, take, write_jsonl
+from grait.evaluation import EvalRun, answer_and_score, model_entry
+from grait.events import STAGES, CancelCheck, Cancelled, PipelineEvent, ProgressCallback, never_cancel, no_progress
+from grait.features import (
+    AdamState,
+    FeatureStore,
+    LoraGradientCapture,
+    Preconditioner,
+    compute_features,
+    make_projection,
+)
+from grait.knowledge import KnowledgeResult, choose_scorer, query_mcqa, query_oeqa, split_known_unknown
+from grait.models import count_parameters, load_base_model, pick_runtime
+from grait.prompts import encode_training_pair
+from grait.report import write_report
+from grait.selection import RowView, select_idk_samples
+from grait.training import TrainSettings, WeightedExample, attached_lora, train_weighted
+from grait.weighting import adaptive_weights
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class RunDirConflict(RuntimeError):
+    """The run directory belongs to a different job spec; resuming would mix two runs."""
+
+
+@dataclass
+class PipelineResult:
+    run_dir: Path
+    adapter_dir: Path
+    report: dict[str, Any]
+    artifacts: dict[str, Path]
+    timings: dict[str, float]
+
+
+def config_hash(config: JobConfig) -> str:
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
+
+
+def _read_manifest(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
+    tmp = run_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(run_dir / MANIFEST)
+
+
+def completed_stages(run_dir: Path) -> list[dict[str, Any]]:
+    """Finished stages in run order, with their wall time and metrics (for checkpoints APIs)."""
+    manifest = _read_manifest(Path(run_dir)) or {"stages": {}}
+    return [{"stage": s, **manifest["stages"][s]} for s in STAGES if s in manifest["stages"]]
+
+
+def stages_for(method: str) -> tuple[str, ...]:
+    """Which stages a method runs; the rest are reported as skipped."""
+    if method == "van":
+        return ("training", "evaluation")
+    if method in ("rtuning",):
+        return ("knowledge_query", "training", "evaluation")
+    if method == "random-idk":
+        return ("knowledge_query", "selection", "training", "evaluation")
+    return STAGES
+
+
+class _Run:
+    """State shared by the stages of one pipeline invocation."""
+
+    def __init__(self, config: JobConfig, run_dir: Path, progress: ProgressCallback, should_cancel: CancelCheck):
+        self.config = config
+        self.run_dir = run_dir
+        self.emit = progress
+        self.should_cancel = should_cancel
+        self.runtime = pick_runtime(config.device, config.dtype)
+        self._model: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None
+        self.train = self._load(config.train)
+        self.evals = [(spec.label, self._load(spec)) for spec in config.evals]
+
+    def _load(self, spec: Any) -> list[QARecord]:
+        records = load_records(spec.path, spec.format)
+        return take(records, seed=self.config.seed, shuffle=spec.shuffle, offset=spec.offset, limit=spec.limit)
+
+    @property
+    def model(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        if self._model is None:
+            self._model = load_base_model(self.config.base_model, self.runtime)
+        return self._model
+
+    def ticker(self, stage: str, total: int) -> Callable[[int], None]:
+        """Progress callback for a loop that also honours cancellation between steps."""
+
+        def tick(done: int) -> None:
+            self.emit(PipelineEvent("progress", stage, done=done, total=total))
+            if self.should_cancel():
+                raise Cancelled(f"cancelled during {stage}")
+
+        return tick
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+    def encode(self, record: QARecord, target: str) -> Any:
+        return encode_training_pair(
+            self.model[1], record, target, refusal=self.config.refusal, max_length=self.config.training.max_length
+        )
+
+
+# ---- stages ---------------------------------------------------------------------------------
+
+
+def _stage_knowledge(run: _Run, out: Path) -> dict[str, Any]:
+    cfg = run.config
+    model, tok = run.model
+    tick = run.ticker("knowledge_query", len(run.train))
+    mcqa = [r for r in run.train if r.kind == "mcqa"]
+    oeqa = [r for r in run.train if r.kind == "oeqa"]
+    scorer = choose_scorer(cfg.knowledge.scorer, count_parameters(model))
+    results: dict[str, KnowledgeResult] = {}
+    if mcqa:
+        for r in query_mcqa(model, tok, mcqa, cfg.knowledge, scorer=scorer, refusal=cfg.refusal, tick=tick):
+            results[r.id] = r
+    if oeqa:
+        offset = len(mcqa)
+        for r in query_oeqa(
+            model, tok, oeqa, cfg.knowledge, refusal=cfg.refusal, seed=cfg.seed, tick=lambda d: tick(offset + d)
+        ):
+            results[r.id] = r
+    ordered = [results[r.id] for r in run.train]
+    split = split_known_unknown(ordered, cfg.knowledge)
+    write_jsonl(out / "knowledge.jsonl", (r.to_json() for r in ordered))
+    (out / "split.json").write_text(json.dumps(split.__dict__))
+    return {
+        "scorer": scorer if mcqa else "sampling",
+        "n_train": len(ordered),
+        "n_ik": len(split.ik_all),
+        "n_idk": len(split.idk_all),
+        "n_ik_kept": len(split.ik_kept),
+        "n_idk_budget": split.n_idk_budget,
+        "mean_correctness": float(np.mean([r.correctness for r in ordered])),
+    }
+
+
+def _split(run: _Run) -> dict[str, Any]:
+    return json.loads((run.stage_dir("knowledge_query") / "split.json").read_text())
+
+
+def _rait_target(run: _Run, index: int, split: dict[str, Any]) -> str:
+    idk = set(split["idk_all"])
+    return run.config.refusal if index in idk else run.train[index].answer_text
+
+
+def _stage_warmup(run: _Run, out: Path) -> dict[str, Any]:
+    cfg = run.config
+    split = _split(run)
+    model, tok = run.model
+    n = len(run.train)
+    size = min(n, max(cfg.warmup.min_samples, round(cfg.warmup.fraction * n)))
+    chosen = sorted(random.Random(cfg.seed).sample(range(n), size))
+    examples = [WeightedExample(run.encode(run.train[i], _rait_target(run, i, split)), 1.0) for i in chosen]
+    settings = TrainSettings(
+        epochs=cfg.warmup.epochs,
+        learning_rate=cfg.warmup.learning_rate,
+        batch_size=cfg.warmup.batch_size,
+        lr_scheduler="constant",
+        grad_clip=cfg.training.grad_clip,
+        seed=cfg.seed,
+    )
+    losses: list[float] = []
+    with attached_lora(model, spec=cfg.lora) as peft_model:
+        trainer = train_weighted(
+            peft_model,
+            tok,
+            examples,
+            settings,
+            work_dir=out / "hf",
+            on_step=lambda d, t: run.emit(PipelineEvent("progress", "warmup", done=d, total=t)),
+            on_loss=lambda step, loss: losses.append(loss),
+            should_cancel=run.should_cancel,
+        )
+        capture = LoraGradientCapture(peft_model)
+        params = [m.weight for _, m in capture.modules]
+        capture.close()
+        state = AdamState.from_optimizer(trainer.optimizer, params)
+        peft_model.save_pretrained(out / "adapter")
+    state.save(out / "adam_state.pt")
+    shutil.rmtree(out / "hf", ignore_errors=True)
+    return {"samples": size, "steps": state.step, "final_loss": losses[-1] if losses else None}
+
+
+def _stage_features(run: _Run, out: Path) -> dict[str, Any]:
+    cfg = run.config
+    split = _split(run)
+    model, tok = run.model
+    state = AdamState.load(run.stage_dir("warmup") / "adam_state.pt")
+    store = FeatureStore(out)
+    n = len(run.train)
+    kept = split["ik_kept"]
+    idk_items = [run.encode(r, cfg.refusal) for r in run.train]
+    van_items = [run.encode(run.train[i], run.train[i].answer_text) for i in kept]
+    total = len(idk_items) + len(van_items)
+    tick = run.ticker("gradient_features", total)
+    with attached_lora(model, adapter_dir=run.stage_dir("warmup") / "adapter", trainable=True) as peft_model:
+        peft_model.eval()  # no dropout: features must be deterministic
+        capture = LoraGradientCapture(peft_model)
+        try:
+            projection = make_projection(
+                cfg.features.projection,
+                capture.n_params,
+                cfg.features.dim,
+                blocks=cfg.features.sparse_blocks,
+                seed=cfg.seed,
+                device=run.runtime.device,
+            )
+            pre = Preconditioner(cfg.features.preconditioner, state, run.runtime.device, cfg.features.adam_eps)
+            common = dict(pad_id=tok.pad_token_id, batch_size=cfg.features.batch_size, projection=projection)
+            stats_idk = compute_features(
+                peft_model,
+                capture,
+                idk_items,
+                preconditioner=pre,
+                out_raw=store.create("idk_raw", n, cfg.features.dim, row_ids=range(n)),
+                out_pre=store.create("idk_pre", n, cfg.features.dim, row_ids=range(n)),
+                tick=tick,
+                **common,
+            )
+            stats_van = compute_features(
+                peft_model,
+                capture,
+                van_items,
+                preconditioner=None,
+                out_raw=store.create("van_raw", len(kept), cfg.features.dim, row_ids=kept),
+                out_pre=None,
+                tick=lambda d: tick(len(idk_items) + d),
+                **common,
+            )
+        finally:
+            capture.close()
+    if stats_idk["zero_gradient_rows"]:
+        run.emit(
+            PipelineEvent(
+                "warning",
+                "gradient_features",
+                message=f"{stats_idk['zero_gradient_rows']} samples had an all-zero gradient (warm-up too short?)",
+            )
+        )
+    return {
+        "n_params": capture.n_params,
+        "dim": cfg.features.dim,
+        "refusal_rows": stats_idk["rows"],
+        "answer_rows": stats_van["rows"],
+        "zero_gradient_rows": stats_idk["zero_gradient_rows"] + stats_van["zero_gradient_rows"],
+    }
+
+
+def _stage_selection(run: _Run, out: Path) -> dict[str, Any]:
+    """Stage 2c (selection) and Stage 3 (weights): which unknowns become refusals, how strongly."""
+    cfg = run.config
+    split = _split(run)
+    idk_rows: list[int] = split["idk_all"]
+    budget: int = split["n_idk_budget"]
+    n_cand = len(idk_rows)
+    terms: dict[str, np.ndarray] = {}
+    if cfg.method == "random-idk":
+        picked = sorted(random.Random(cfg.seed).sample(range(n_cand), budget))
+        weights = np.ones(len(picked))
+    else:
+        store = FeatureStore(run.stage_dir("gradient_features"))
+        idk_pre, idk_raw, van_raw = store.open("idk_pre"), store.open("idk_raw"), store.open("van_raw")
+        block = cfg.selection.block_rows
+        result = select_idk_samples(
+            RowView(idk_pre, idk_rows),
+            RowView(idk_raw, idk_rows),
+            RowView(idk_raw, split["ik_all"]),
+            RowView(van_raw),
+            budget,
+            lam=cfg.selection.lam,
+            mu=cfg.selection.mu,
+            rho=cfg.selection.rho,
+            block_rows=block,
+        )
+        picked = result.selected
+        terms = {
+            "i_idk": result.i_idk,
+            "i_ik": result.i_ik,
+            "van": result.van,
+            "redundancy": result.redundancy,
+            "score": result.score,
+        }
+        if cfg.method == "grait":
+            w = cfg.weighting
+            weights = adaptive_weights(
+                result.i_idk[picked], result.i_ik[picked], temperature=w.temperature, w_min=w.w_min, w_max=w.w_max
+            )
+        else:
+            weights = np.ones(len(picked))
+    rank = {cand: r for r, cand in enumerate(picked)}
+    weight_of = {cand: float(weights[r]) for r, cand in enumerate(picked)}
+    rows = []
+    for cand, row in enumerate(idk_rows):
+        rec = run.train[row]
+        entry: dict[str, Any] = {"id": rec.id, "row": row, "selected": cand in rank, "rank": rank.get(cand)}
+        for name, values in terms.items():
+            value = float(values[cand])
+            entry[name] = None if np.isnan(value) else value
+        entry["weight"] = weight_of.get(cand)
+        rows.append(entry)
+    write_jsonl(out / "selection.jsonl", rows)
+    chosen = [idk_rows[c] for c in picked]
+    (out / "selected.json").write_text(json.dumps({"rows": chosen, "weights": [float(x) for x in weights]}))
+    metrics: dict[str, Any] = {"candidates": n_cand, "selected": len(chosen)}
+    if len(weights):
+        metrics.update(weight_min=float(np.min(weights)), weight_max=float(np.max(weights)))
+    return metrics
+
+
+def _training_set(run: _Run) -> list[tuple[int, str, str, float]]:
+    """(row, kind, target, weight) for every training example of the method."""
+    cfg = run.config
+    if cfg.method == "van":
+        return [(i, "answer", r.answer_text, 1.0) for i, r in enumerate(run.train)]
+    split = _split(run)
+    if cfg.method == "rtuning":
+        known = [(i, "ik", run.train[i].answer_text, 1.0) for i in split["ik_all"]]
+        return known + [(i, "idk", cfg.refusal, 1.0) for i in split["idk_all"]]
+    chosen = json.loads((run.stage_dir("selection") / "selected.json").read_text())
+    known = [(i, "ik", run.train[i].answer_text, 1.0) for i in split["ik_kept"]]
+    return known + [(i, "idk", cfg.refusal, w) for i, w in zip(chosen["rows"], chosen["weights"])]
+
+
+def _stage_training(run: _Run, out: Path) -> dict[str, Any]:
+    cfg = run.config
+    model, tok = run.model
+    plan = _training_set(run)
+    if not plan:
+        raise ValueError("the training set is empty: no known or selected unknown samples")
+    write_jsonl(
+        out / "train_set.jsonl",
+        (
+            {"id": run.train[i].id, "question": run.train[i].question, "kind": kind, "target": target, "weight": w}
+            for i, kind, target, w in plan
+        ),
+    )
+    examples = [WeightedExample(run.encode(run.train[i], target), w) for i, _, target, w in plan]
+    t = cfg.training
+    settings = TrainSettings(
+        epochs=t.epochs,
+        learning_rate=t.learning_rate,
+        batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        lr_scheduler=t.lr_scheduler,
+        warmup_ratio=t.warmup_ratio,
+        grad_clip=t.grad_clip,
+        weight_decay=t.weight_decay,
+        seed=cfg.seed,
+    )
+    losses: list[float] = []
+
+    def on_loss(step: int, loss: float) -> None:
+        losses.append(loss)
+        run.emit(PipelineEvent("metrics", "training", done=step, data={"step": step, "train_loss": loss}))
+
+    with attached_lora(model, spec=cfg.lora) as peft_model:
+        train_weighted(
+            peft_model,
+            tok,
+            examples,
+            settings,
+            work_dir=out / "hf",
+            on_step=lambda d, total: run.emit(PipelineEvent("progress", "training", done=d, total=total)),
+            on_loss=on_loss,
+            should_cancel=run.should_cancel,
+        )
+        peft_model.save_pretrained(out / "adapter")
+    shutil.rmtree(out / "hf", ignore_errors=True)
+    n_idk = sum(1 for _, kind, _, _ in plan if kind == "idk")
+    return {
+        "examples": len(plan),
+        "refusal_examples": n_idk,
+        "trained_tokens": int(sum(e.encoded.n_target for e in examples) * t.epochs),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+    }
+
+
+def _stage_evaluation(run: _Run, out: Path, timings: dict[str, float]) -> dict[str, Any]:
+    cfg = run.config
+    ev = cfg.evaluation
+    model, tok = run.model
+    started = time.perf_counter()
+    total = sum(len(recs) for _, recs in run.evals) * (3 if ev.eval_base_refuse_prompt else 2)
+    done = 0
+    tick_all = run.ticker("evaluation", total)
+
+    def answer(m: PreTrainedModel, recs: list[QARecord], allow_refusal: bool) -> EvalRun:
+        nonlocal done
+        base_done = done
+        result = answer_and_score(
+            m,
+            tok,
+            recs,
+            allow_refusal=allow_refusal,
+            refusal=cfg.refusal,
+            max_new_tokens=ev.max_new_tokens,
+            batch_size=ev.batch_size,
+            tick=lambda d: tick_all(base_done + d),
+        )
+        done += len(recs)
+        return result
+
+    runs: dict[str, dict[str, EvalRun]] = {}
+    for name, recs in run.evals:
+        runs[name] = {"base": answer(model, recs, False)}
+        if ev.eval_base_refuse_prompt:
+            runs[name]["base+refuse-prompt"] = answer(model, recs, True)
+    adapter = run.stage_dir("training") / "adapter"
+    with attached_lora(model, adapter_dir=adapter, trainable=False) as tuned:
+        for name, recs in run.evals:
+            runs[name][cfg.method] = answer(tuned, recs, True)
+
+    evals = []
+    for name, recs in run.evals:
+        base_rates = runs[name]["base"].rates
+        entries = [model_entry(label, r, base_rates) for label, r in runs[name].items()]
+        evals.append({"name": name, "kind": recs[0].kind, "models": entries})
+        write_jsonl(
+            out / f"responses_{_safe(name)}.jsonl",
+            (
+                {"id": rec.id, **{label: {"response": r.responses[i], "outcome": r.outcomes[i]} for label, r in runs[name].items()}}
+                for i, rec in enumerate(recs)
+            ),
+        )
+    timings = {**timings, "evaluation": round(time.perf_counter() - started, 2)}
+    report = {
+        "method": cfg.method,
+        "base_model": cfg.base_model,
+        "seed": cfg.seed,
+        "evals": evals,
+        "timings": timings,
+        "notes": _notes(run, evals),
+    }
+    write_report(out, report)
+    tuned_ths = {e["name"]: e["models"][-1]["ths"] for e in evals}
+    return {"ths": tuned_ths}
+
+
+def _notes(run: _Run, evals: list[dict[str, Any]]) -> list[str]:
+    notes = [
+        "THS is measured against the base model with the plain prompt (first row of each table).",
+    ]
+    for e in evals:
+        if e["models"][0]["wrong"] == 0:
+            notes.append(f"{e['name']}: the base model made no wrong answers, so THS is undefined (n/a).")
+    train_ids = {r.id for r in run.train}
+    for name, recs in run.evals:
+        overlap = sum(1 for r in recs if r.id in train_ids)
+        if overlap:
+            notes.append(f"{name}: {overlap} of {len(recs)} eval questions also appear in the training set.")
+    return notes
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+# ---- runner -------------------------------------------------------------------------------
+
+
+def run_pipeline(
+    config: JobConfig,
+    run_dir: Path | str,
+    *,
+    progress: ProgressCallback | None = None,
+    should_cancel: CancelCheck | None = None,
+) -> PipelineResult:
+    """Run (or resume) every stage the method needs; return where the adapter and report are."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    emit = progress or no_progress
+    cancel = should_cancel or never_cancel
+    digest = config_hash(config)
+    manifest = _read_manifest(run_dir)
+    if manifest is None:
+        manifest = {"version": FORMAT_VERSION, "config_hash": digest, "config": config.model_dump(mode="json"), "stages": {}}
+        _write_manifest(run_dir, manifest)
+    elif manifest.get("config_hash") != digest:
+        raise RunDirConflict(f"{run_dir} holds a run of a different job spec; use a new run directory")
+
+    run = _Run(config, run_dir, emit, cancel)
+    wanted = stages_for(config.method)
+    timings = {s: manifest["stages"][s]["seconds"] for s in STAGES if s in manifest["stages"]}
+    for index, stage in enumerate(STAGES):
+        if stage not in wanted:
+            emit(PipelineEvent("stage_skipped", stage, message=f"not used by method {config.method}"))
+            continue
+        if stage == "evaluation" and not run.evals:
+            emit(PipelineEvent("stage_skipped", stage, message="no eval datasets given"))
+            continue
+        if stage in manifest["stages"]:
+            emit(PipelineEvent("stage_skipped", stage, message="completed in an earlier attempt"))
+            continue
+        if cancel():
+            raise Cancelled(f"cancelled before {stage}")
+        out = run.stage_dir(stage)
+        shutil.rmtree(out, ignore_errors=True)  # leftovers of an attempt that died mid-stage
+        out.mkdir(parents=True)
+        set_seed(config.seed + index)
+        emit(PipelineEvent("stage_started", stage))
+        started = time.perf_counter()
+        if stage == "evaluation":
+            metrics = _stage_evaluation(run, out, timings)
+        else:
+            metrics = _STAGE_FUNCS[stage](run, out)
+        seconds = round(time.perf_counter() - started, 2)
+        timings[stage] = seconds
+        manifest["stages"][stage] = {"seconds": seconds, "metrics": metrics, "completed_at": time.time()}
+        _write_manifest(run_dir, manifest)
+        emit(PipelineEvent("metrics", stage, data=metrics))
+        emit(PipelineEvent("stage_completed", stage, message=f"{stage} done in {seconds:.1f}s"))
+    return _result(run_dir, timings)
+
+
+_STAGE_FUNCS: dict[str, Callable[[_Run, Path], dict[str, Any]]] = {
+    "knowledge_query": _stage_knowledge,
+    "warmup": _stage_warmup,
+    "gradient_features": _stage_features,
+    "selection": _stage_selection,
+    "training": _stage_training,
+}
+
+
+def _result(run_dir: Path, timings: dict[str, float]) -> PipelineResult:
+    adapter = run_dir / "training" / "adapter"
+    report_dir = run_dir / "evaluation"
+    report_path = report_dir / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    artifacts = {"adapter": adapter, "train_set": run_dir / "training" / "train_set.jsonl"}
+    if report:
+        artifacts.update(
+            report_json=report_path, report_md=report_dir / "report.md", report_plot=report_dir / "pw_pc.png"
+        )
+    selection = run_dir / "selection" / "selection.jsonl"
+    if selection.exists():
+        artifacts["selection"] = selection
+    return PipelineResult(run_dir, adapter, report, artifacts, timings)
+
+
+def load_train_set(run_dir: Path) -> list[dict[str, Any]]:
+    return read_jsonl(Path(run_dir) / "training" / "train_set.jsonl")
+
+

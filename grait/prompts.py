@@ -1,0 +1,134 @@
+"""Every prompt the pipeline shows a model, and how prompt + target become token ids.
+
+Keeping the templates in one module guarantees that the knowledge query, the gradient
+features, training and evaluation all see the same wording: a mismatch would make the
+features describe a different task from the one being trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from grait.data import QARecord
+
+MCQA_INSTRUCTION = "Answer the following multiple-choice question with the letter of the correct option."
+OEQA_INSTRUCTION = "Answer the following question with a short answer."
+CLOZE_INSTRUCTION = "Answer the following question."
+REFUSAL_INSTRUCTION = 'If you do not know the answer, reply "{refusal}"'
+
+
+def question_message(record: QARecord, *, allow_refusal: bool, refusal: str) -> str:
+    """The user turn: instruction, question, lettered options, optional refusal clause."""
+    if record.kind == "mcqa":
+        options = "\n".join(f"{label}. {text}" for label, text in zip(record.labels, record.options))
+        body = f"{MCQA_INSTRUCTION}\n\nQuestion: {record.question}\n{options}"
+    else:
+        body = f"{OEQA_INSTRUCTION}\n\nQuestion: {record.question}"
+    if allow_refusal:
+        body += "\n\n" + REFUSAL_INSTRUCTION.format(refusal=refusal)
+    return body
+
+
+def cloze_message(record: QARecord) -> str:
+    """Cloze scoring shows the question without options and scores each option's text."""
+    return f"{CLOZE_INSTRUCTION}\n\nQuestion: {record.question}"
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, user_message: str) -> str:
+    """The model's own chat template when it has one, else a plain Q/A layout."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_message}], tokenize=False, add_generation_prompt=True
+        )
+    return f"{user_message}\n\nAnswer: "
+
+
+def end_of_answer(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What closes an answer: the end-of-turn token, so a tuned model learns to stop."""
+    return tokenizer.eos_token or ""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of prompt + target; loss is taken on ids[n_prompt:]."""
+
+    ids: list[int]
+    n_prompt: int
+
+    @property
+    def n_target(self) -> int:
+        return len(self.ids) - self.n_prompt
+
+
+def encode(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, *, max_length: int
+) -> Encoded:
+    """Tokenise prompt and target apart (so the boundary is exact); cut the prompt's left end."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    t = tokenizer(target, add_special_tokens=False)["input_ids"]
+    if not t:
+        raise ValueError(f"target {target!r} encodes to no tokens")
+    t = t[: max_length - 1]
+    room = max_length - len(t)
+    if len(p) > room:
+        p = p[len(p) - room :]
+    return Encoded(p + t, len(p))
+
+
+def encode_training_pair(
+    tokenizer: PreTrainedTokenizerBase,
+    record: QARecord,
+    target: str,
+    *,
+    refusal: str,
+    max_length: int,
+) -> Encoded:
+    """A RAIT example: the refusal-allowed prompt followed by the answer or the refusal."""
+    prompt = render_prompt(tokenizer, question_message(record, allow_refusal=True, refusal=refusal))
+    return encode(tokenizer, prompt, target + end_of_answer(tokenizer), max_length=max_length)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+
+def collate(items: Sequence[Encoded], pad_id: int) -> Batch:
+    """Right-pad a batch; masks come from lengths, never from `ids != pad_id`.
+
+    SmolLM2's pad token is its end-of-turn token, which also ends every answer, so a mask
+    built from ids would hide the very token that teaches the model to stop.
+    """
+    width = max(len(e.ids) for e in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    for row, e in enumerate(items):
+        n = len(e.ids)
+        ids[row, :n] = torch.tensor(e.ids)
+        mask[row, :n] = 1
+        labels[row, e.n_prompt : n] = ids[row, e.n_prompt : n]
+    return Batch(ids, mask, labels)
+
+
+def per_sample_answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over each sample's answer tokens: shape [B]."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    token_loss = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    ).view(shift_labels.shape)
+    counts = (shift_labels != -100).sum(dim=1).clamp(min=1)
+    return token_loss.sum(dim=1) / counts

@@ -1,0 +1,200 @@
+"""Weighted LoRA SFT on the Hugging Face Trainer (used for the warm-up and the final tuning).
+
+The loss is taken on answer tokens only, and each sample's mean token loss is scaled by its
+GRAIT weight: batch loss = sum_i w_i * L_i / B (grait.md, "Stage 3"). Everything else —
+optimizer, schedule, clipping, device placement — is the Trainer's own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    PrinterCallback,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+
+from grait.config import LoraConfigSpec
+from grait.events import Cancelled
+from grait.prompts import Encoded, collate, per_sample_answer_loss
+
+
+@dataclass(frozen=True)
+class WeightedExample:
+    encoded: Encoded
+    weight: float
+
+
+class WeightedCollator:
+    """Right-padded batch plus a `weights` tensor the Trainer passes through untouched."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: Sequence[WeightedExample]) -> dict[str, torch.Tensor]:
+        batch = collate([it.encoded for it in items], self.pad_id)
+        return {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "labels": batch.labels,
+            "weights": torch.tensor([it.weight for it in items], dtype=torch.float32),
+        }
+
+
+class WeightedLossTrainer(Trainer):
+    """Trainer whose loss is the weighted mean of per-sample answer-token losses."""
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        weights = inputs.pop("weights")
+        labels = inputs.pop("labels")
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        per_sample = per_sample_answer_loss(outputs.logits, labels)
+        loss = (weights.to(per_sample.dtype) * per_sample).sum() / per_sample.numel()
+        return (loss, outputs) if return_outputs else loss
+
+
+class _Progress(TrainerCallback):
+    """Forwards step progress and losses, and stops training when the caller cancels."""
+
+    def __init__(
+        self,
+        on_step: Callable[[int, int], None],
+        on_loss: Callable[[int, float], None],
+        should_cancel: Callable[[], bool],
+    ):
+        self.on_step = on_step
+        self.on_loss = on_loss
+        self.should_cancel = should_cancel
+        self.cancelled = False
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self.on_step(state.global_step, state.max_steps)
+        if self.should_cancel():
+            self.cancelled = True
+            control.should_training_stop = True
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kw: Any) -> None:
+        if logs and "loss" in logs:
+            self.on_loss(state.global_step, float(logs["loss"]))
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: float
+    learning_rate: float
+    batch_size: int
+    gradient_accumulation_steps: int = 1
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.0
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+def lora_config(spec: LoraConfigSpec) -> LoraConfig:
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+@contextmanager
+def attached_lora(
+    base: PreTrainedModel, *, spec: LoraConfigSpec | None = None, adapter_dir: Path | None = None, trainable: bool = True
+) -> Iterator[PeftModel]:
+    """Wrap the (shared, cached) base model with LoRA and always take the LoRA layers off again.
+
+    The worker keeps one base model for many jobs; leaving layers injected would leak one
+    job's adapter into the next.
+    """
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+    else:
+        assert spec is not None
+        model = get_peft_model(base, lora_config(spec))
+    try:
+        yield model
+    finally:
+        model.unload()
+        if hasattr(base, "peft_config"):
+            del base.peft_config
+        base.eval()
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+
+def train_weighted(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[WeightedExample],
+    settings: TrainSettings,
+    *,
+    work_dir: Path,
+    on_step: Callable[[int, int], None] = lambda done, total: None,
+    on_loss: Callable[[int, float], None] = lambda step, loss: None,
+    should_cancel: Callable[[], bool] = lambda: False,
+) -> Trainer:
+    """Run the Trainer; return it so callers can read the optimizer state (warm-up) or logs."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    steps_per_epoch = math.ceil(len(examples) / (settings.batch_size * settings.gradient_accumulation_steps))
+    total_steps = max(1, math.ceil(steps_per_epoch * settings.epochs))
+    args = TrainingArguments(
+        output_dir=str(work_dir),
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        num_train_epochs=settings.epochs,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=int(round(settings.warmup_ratio * total_steps)),
+        max_grad_norm=settings.grad_clip,
+        weight_decay=settings.weight_decay,
+        optim="adamw_torch",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
+        use_cpu=device.type == "cpu",
+        bf16=device.type == "cuda" and dtype == torch.bfloat16,
+    )
+    progress = _Progress(on_step, on_loss, should_cancel)
+    trainer = WeightedLossTrainer(
+        model=model,
+        args=args,
+        train_dataset=list(examples),
+        data_collator=WeightedCollator(tokenizer.pad_token_id),
+        callbacks=[progress],
+    )
+    trainer.remove_callback(PrinterCallback)  # progress goes through our callback, not stdout
+    trainer.train()
+    model.eval()
+    if progress.cancelled:
+        raise Cancelled("training stopped at a step boundary on request")
+    return trainer

@@ -1,0 +1,148 @@
+"""The runner on a tiny random model: every stage, resume, cancel, determinism, baselines."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from grait.config import JobConfig
+from grait.events import Cancelled
+from grait.pipeline import RunDirConflict, completed_stages, run_pipeline, stages_for
+from grait.testing import tiny_hyperparameters
+
+
+def _config(model_dir: Path, data: Path, method: str = "grait", **over) -> JobConfig:
+    hp = tiny_hyperparameters()
+    hp["knowledge"]["tau"] = 0.3  # a random model's cloze probabilities sit near 1/4
+    spec = {
+        "method": method,
+        "base_model": str(model_dir),
+        "train": {"path": str(data / "arc_easy" / "dev.jsonl"), "limit": 24},
+        "evals": [
+            {"path": str(data / "arc_easy" / "test.jsonl"), "limit": 8, "name": "arc"},
+            {"path": str(data / "nq" / "dev_part1.jsonl"), "limit": 4, "name": "nq"},
+        ],
+        **hp,
+    }
+    spec.update(over)
+    return JobConfig.model_validate(spec)
+
+
+def _events(sink: list):
+    return lambda e: sink.append(e)
+
+
+def test_grait_runs_every_stage_and_writes_its_outputs(tiny_model_dir, shared_data, tmp_path):
+    events: list = []
+    result = run_pipeline(_config(tiny_model_dir, shared_data), tmp_path / "run", progress=_events(events))
+    started = [e.stage for e in events if e.kind == "stage_started"]
+    assert started == list(stages_for("grait"))
+    assert (result.adapter_dir / "adapter_config.json").exists()
+    for key in ("report_json", "report_md", "report_plot", "train_set", "selection"):
+        assert result.artifacts[key].exists(), key
+    report = json.loads(result.artifacts["report_json"].read_text())
+    assert [e["name"] for e in report["evals"]] == ["arc", "nq"]
+    for ev in report["evals"]:
+        names = [m["name"] for m in ev["models"]]
+        assert names == ["base", "base+refuse-prompt", "grait"]
+        base = ev["models"][0]
+        assert base["correct"] + base["wrong"] + base["refused"] == pytest.approx(1.0)
+        if base["wrong"] > 0:
+            assert base["ths"] == pytest.approx(0.0)
+    assert set(report["timings"]) == set(stages_for("grait"))
+    # Selection audit: every idk candidate listed with its score terms; weights only on picks.
+    rows = [json.loads(line) for line in result.artifacts["selection"].read_text().splitlines()]
+    picked = [r for r in rows if r["selected"]]
+    assert picked and all(r["weight"] is not None and r["i_idk"] is not None for r in picked)
+    assert all(r["weight"] is None for r in rows if not r["selected"])
+    train = [json.loads(line) for line in result.artifacts["train_set"].read_text().splitlines()]
+    assert sum(1 for t in train if t["kind"] == "idk") == len(picked)
+    assert all(t["target"] == "I don't know." for t in train if t["kind"] == "idk")
+    progress = [e for e in events if e.kind == "progress"]
+    assert progress and all(0 <= e.done <= e.total for e in progress if e.total)
+
+
+def test_rerun_skips_completed_stages(tiny_model_dir, shared_data, tmp_path):
+    cfg = _config(tiny_model_dir, shared_data, method="rtuning")
+    run_pipeline(cfg, tmp_path / "run")
+    before = (tmp_path / "run" / "training" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    events: list = []
+    run_pipeline(cfg, tmp_path / "run", progress=_events(events))
+    assert not [e for e in events if e.kind == "stage_started"]
+    assert (tmp_path / "run" / "training" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == before
+    assert [s["stage"] for s in completed_stages(tmp_path / "run")] == list(stages_for("rtuning"))
+
+
+def test_cancel_stops_between_steps_and_the_run_resumes(tiny_model_dir, shared_data, tmp_path):
+    cfg = _config(tiny_model_dir, shared_data)
+    seen: list = []
+
+    def cancel_after_warmup() -> bool:
+        return any(e.kind == "stage_completed" and e.stage == "warmup" for e in seen)
+
+    with pytest.raises(Cancelled):
+        run_pipeline(cfg, tmp_path / "run", progress=_events(seen), should_cancel=cancel_after_warmup)
+    assert [s["stage"] for s in completed_stages(tmp_path / "run")] == ["knowledge_query", "warmup"]
+    events: list = []
+    run_pipeline(cfg, tmp_path / "run", progress=_events(events))
+    assert [e.stage for e in events if e.kind == "stage_started"] == [
+        "gradient_features",
+        "selection",
+        "training",
+        "evaluation",
+    ]
+
+
+def test_same_seed_gives_the_same_selection_and_adapter(tiny_model_dir, shared_data, tmp_path):
+    cfg = _config(tiny_model_dir, shared_data, evals=[])
+    a = run_pipeline(cfg, tmp_path / "a")
+    b = run_pipeline(cfg, tmp_path / "b")
+    assert a.artifacts["selection"].read_text() == b.artifacts["selection"].read_text()
+    wa = load_file(a.adapter_dir / "adapter_model.safetensors")
+    wb = load_file(b.adapter_dir / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_different_spec_in_the_same_run_dir_is_refused(tiny_model_dir, shared_data, tmp_path):
+    run_pipeline(_config(tiny_model_dir, shared_data, method="van", evals=[]), tmp_path / "run")
+    with pytest.raises(RunDirConflict):
+        run_pipeline(_config(tiny_model_dir, shared_data, method="van", evals=[], seed=1), tmp_path / "run")
+
+
+@pytest.mark.parametrize("method", ["van", "rtuning", "random-idk"])
+def test_baselines_build_their_own_training_sets(method, tiny_model_dir, shared_data, tmp_path):
+    result = run_pipeline(_config(tiny_model_dir, shared_data, method=method, evals=[]), tmp_path / "run")
+    train = [json.loads(line) for line in result.artifacts["train_set"].read_text().splitlines()]
+    assert not (tmp_path / "run" / "gradient_features").exists()
+    if method == "van":
+        assert len(train) == 24 and all(t["target"] != "I don't know." for t in train)
+        return
+    knowledge = [json.loads(line) for line in (tmp_path / "run" / "knowledge_query" / "knowledge.jsonl").read_text().splitlines()]
+    unknown = {k["id"] for k in knowledge if not k["known"]}
+    refused = {t["id"] for t in train if t["kind"] == "idk"}
+    if method == "rtuning":
+        assert refused == unknown
+    else:
+        assert refused <= unknown and len(refused) == json.loads((tmp_path / "run" / "knowledge_query" / "split.json").read_text())["n_idk_budget"]
+
+
+def test_model_that_always_refuses_has_refusal_rate_one(tiny_model_dir, shared_data, tmp_path):
+    """R-Tuning with tau = 1 marks everything unknown; trained hard, the model only refuses."""
+    hp = tiny_hyperparameters()
+    cfg = _config(
+        tiny_model_dir,
+        shared_data,
+        method="rtuning",
+        knowledge={**hp["knowledge"], "tau": 1.0},
+        lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+        training={"epochs": 40, "batch_size": 8, "learning_rate": 2e-2, "max_length": 256, "warmup_ratio": 0.0, "lr_scheduler": "constant"},
+        evaluation={"max_new_tokens": 6, "batch_size": 8, "eval_base_refuse_prompt": False},
+    )
+    result = run_pipeline(cfg, tmp_path / "run")
+    for ev in result.report["evals"]:
+        tuned = ev["models"][-1]
+        assert tuned["refused"] == pytest.approx(1.0), ev
+        assert tuned["ths"] in (None, pytest.approx(0.0))

@@ -1,0 +1,80 @@
+"""The README's one-command mode: `python -m app` with SQLite, the embedded queue and worker."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import (
+    PYTHON,
+    ROOT,
+    TERMINAL,
+    all_events,
+    start_api,
+    tiny_job,
+    upload,
+    wait_for,
+    wait_for_status,
+)
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def processes_in(folder: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if Path(os.readlink(entry / "cwd")) == folder:
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_embedded_mode_serves_a_job_with_sqlite_and_no_servers(
+    tmp_path: Path, data_dir: Path, tiny_model: Path, logs_dir: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRAIT_")}
+    env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", GRAIT_BROKER_POLLING_INTERVAL="0.1")
+    api, base = start_api(
+        env,
+        logs_dir,
+        name="embedded",
+        cmd=[PYTHON, "-m", "app", "serve", "--port", "{port}"],
+        cwd=tmp_path,
+        timeout=60,
+    )
+    try:
+        assert "http://127.0.0.1:" in api.log()
+        assert (tmp_path / "var" / "grait.db").is_file()
+        with httpx.Client(base_url=base, timeout=30) as client:
+            ready = client.get("/readyz").json()
+            assert ready["checks"] == {"database": "ok", "broker": "ok", "worker": "ok"}
+            datasets = {
+                key: upload(client, data_dir / name).json()["id"]
+                for key, name in (("mmlu", "mmlu_excerpt.csv"), ("arc", "arc_excerpt.jsonl"))
+            }
+            job = client.post("/v1/jobs", json=tiny_job(tiny_model, datasets)).json()
+
+            done = wait_for_status(client, job["id"], TERMINAL, timeout=180)
+
+            assert done["status"] == "succeeded", done
+            assert [
+                e["stage"] for e in all_events(client, job["id"]) if e["type"] == "stage_started"
+            ][-1] == "evaluation"
+            kinds = {
+                a["kind"] for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+            }
+            assert {"adapter", "report_json", "report_md", "report_plot", "train_set"} <= kinds
+        assert len(processes_in(tmp_path)) == 2  # the API and its worker
+    finally:
+        api.kill9()  # no clean shutdown: the worker must follow its parent (PR_SET_PDEATHSIG)
+    wait_for(
+        lambda: not processes_in(tmp_path),
+        timeout=30,
+        what="the embedded worker to exit with the API",
+    )

@@ -1,0 +1,52 @@
+"""Failed jobs carry an error code a program can act on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from grait.data import DataError
+from worker.runner import classify_failure
+
+from .conftest import Worker, all_events, tiny_job, upload, wait_for_status
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (
+            torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+            "out_of_memory",
+        ),
+        (MemoryError(), "out_of_memory"),
+        (DataError("train.jsonl", "missing", line=3, field="question"), "invalid_dataset"),
+        (RuntimeError("boom"), "internal_error"),
+    ],
+)
+def test_failures_map_to_actionable_error_codes(exc: BaseException, code: str) -> None:
+    assert classify_failure(exc)[0] == code
+
+
+@pytest.mark.timeout(120)
+def test_job_whose_dataset_file_vanished_fails_with_invalid_dataset(
+    client: httpx.Client,
+    data_dir: Path,
+    datasets: dict[str, str],
+    tiny_model: Path,
+    service_env: dict[str, str],
+    worker: Worker,
+) -> None:
+    own = upload(client, data_dir / "mmlu_excerpt.csv").json()["id"]
+    for file in (Path(service_env["GRAIT_STORAGE_DIR"]) / "datasets" / own).iterdir():
+        file.unlink()  # storage lost the file behind the service's back
+    job = client.post("/v1/jobs", json=tiny_job(tiny_model, datasets, train_dataset=own)).json()
+
+    done = wait_for_status(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=90)
+
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "invalid_dataset" and "no such file" in done["error"]["message"]
+    last = all_events(client, job["id"])[-1]
+    assert (last["level"], last["data"]["error_code"]) == ("error", "invalid_dataset")

@@ -1,0 +1,1 @@
+"""Celery workers: run GRAIT jobs from the queue against the service's database and storage."""

@@ -1,0 +1,238 @@
+"""Run one job attempt: claim it, run the pipeline in its run directory, record the outcome.
+
+The claim is a conditional UPDATE (queued -> running, attempts + 1), so a duplicate message
+(Redis redelivery, a sweeper re-queue) finds nothing to claim and returns. A re-queued job
+runs in the same `runs_dir/<job id>`, where the pipeline skips stages already completed.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import selectinload
+
+from app.db import short_session
+from app.jobs.service import build_job_config
+from app.models import Artifact, Dataset, Job, JobEvent, new_id, utcnow
+from app.settings import Settings
+from app.storage import Storage, get_storage
+from grait.config import JobConfig
+from grait.data import DataError
+from grait.events import Cancelled
+from worker.progress import CancelFlag, Fenced, Heartbeat, ProgressReporter
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPES = {
+    "adapter": "application/gzip",
+    "report_json": "application/json",
+    "report_md": "text/markdown; charset=utf-8",
+    "report_plot": "image/png",
+    "train_set": "application/x-ndjson",
+    "selection": "application/x-ndjson",
+}
+
+
+def claim(job_id: str, *, worker_name: str, settings: Settings) -> int | None:
+    """queued -> running for this worker; the new attempt number, or None if not ours to run."""
+    now = utcnow()
+    with short_session(settings) as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status != "queued":
+            return None
+        attempt = job.attempts + 1
+        won = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "queued", Job.attempts == job.attempts)
+            .values(
+                status="running",
+                attempts=attempt,
+                worker=worker_name,
+                heartbeat_at=now,
+                started_at=job.started_at or now,
+                eta_seconds=None,
+            )
+        ).rowcount
+        if not won:
+            return None
+        resumed = " (resuming from the last completed stage)" if attempt > 1 else ""
+        session.add(
+            JobEvent(
+                job_id=job_id,
+                type="status",
+                level="info",
+                stage=None,
+                message=f"Started on {worker_name}, attempt {attempt} of {settings.max_attempts}{resumed}.",
+                data={"status": "running", "attempt": attempt, "worker": worker_name},
+            )
+        )
+        return attempt
+
+
+def load_config(job_id: str, *, settings: Settings, storage: Storage) -> JobConfig:
+    with short_session(settings) as session:
+        job = session.scalar(
+            select(Job).where(Job.id == job_id).options(selectinload(Job.datasets))
+        )
+        assert job is not None
+        specs = []
+        for link in job.datasets:
+            dataset = session.get(Dataset, link.dataset_id) if link.dataset_id else None
+            if dataset is None:
+                raise DataError(f"dataset #{link.position}", "the dataset was deleted")
+            specs.append(
+                (str(storage.local_path(dataset.storage_key)), dataset.format, link.options)
+            )
+        return build_job_config(
+            method=job.method,
+            base_model=job.base_model,
+            seed=job.seed,
+            hyperparameters=job.hyperparameters,
+            datasets=specs,
+        )
+
+
+def classify_failure(exc: BaseException) -> tuple[str, str]:
+    """(error code, message) a client can act on."""
+    if isinstance(exc, DataError):
+        return "invalid_dataset", str(exc)
+    name = type(exc).__name__
+    if (
+        isinstance(exc, MemoryError)
+        or name == "OutOfMemoryError"
+        or "out of memory" in str(exc).lower()
+    ):
+        return (
+            "out_of_memory",
+            f"{name}: {exc}. Lower training.batch_size / knowledge.batch_size or use a smaller model.",
+        )
+    return "internal_error", f"{name}: {exc}"
+
+
+def finish(
+    fence: Fenced,
+    *,
+    status: str,
+    error: tuple[str, str] | None = None,
+    artifacts: list[Artifact] | None = None,
+    data: dict[str, Any] | None = None,
+) -> bool:
+    now = utcnow()
+    values: dict[str, Any] = {
+        "status": status,
+        "finished_at": now,
+        "heartbeat_at": now,
+        "eta_seconds": None,
+    }
+    if status == "succeeded":
+        values.update(percent=100.0, stage=None)
+    if error:
+        values.update(error_code=error[0], error_message=error[1])
+    message = {
+        "succeeded": "Job succeeded.",
+        "cancelled": "Job cancelled at a step boundary.",
+    }.get(status, f"Job failed: {error[1] if error else 'unknown error'}")
+    with short_session(fence.settings) as session:
+        if not fence.update_job(session, **values):
+            return False
+        if artifacts is not None:
+            session.execute(delete(Artifact).where(Artifact.job_id == fence.job_id))
+            session.add_all(artifacts)
+        session.add(
+            JobEvent(
+                job_id=fence.job_id,
+                type="status",
+                level="error" if status == "failed" else "info",
+                stage=None,
+                message=message,
+                data={
+                    "status": status,
+                    **({"error_code": error[0]} if error else {}),
+                    **(data or {}),
+                },
+            )
+        )
+    return True
+
+
+def store_artifacts(
+    job_id: str, suffix: str | None, result: Any, *, storage: Storage
+) -> list[Artifact]:
+    rows = []
+    stem = f"{job_id}-{suffix}" if suffix else job_id
+    for kind, path in result.artifacts.items():
+        path = Path(path)
+        if not path.exists():
+            continue
+        if path.is_dir():
+            archive = path.parent / f"{path.name}.tar.gz"
+            with tarfile.open(archive, "w:gz") as tar:
+                tar.add(path, arcname=f"{stem}-{path.name}")
+            path, filename = archive, f"{stem}-{kind}.tar.gz"
+        else:
+            filename = f"{stem}-{path.name}"
+        key = f"jobs/{job_id}/{filename}"
+        size = storage.put_file(key, path)
+        rows.append(
+            Artifact(
+                id=new_id("file"),
+                job_id=job_id,
+                kind=kind,
+                filename=filename,
+                content_type=CONTENT_TYPES.get(kind, "application/octet-stream"),
+                bytes=size,
+                storage_key=key,
+            )
+        )
+    return rows
+
+
+def run_job(job_id: str, *, worker_name: str, settings: Settings) -> str:
+    attempt = claim(job_id, worker_name=worker_name, settings=settings)
+    if attempt is None:
+        log.info("job %s is not queued (cancelled, done or taken); skipping", job_id)
+        return "skipped"
+    fence = Fenced(job_id, attempt, settings)
+    storage = get_storage(settings)
+    run_dir = settings.runs_dir / job_id
+    try:
+        from grait.pipeline import RunDirConflict, run_pipeline, stages_for
+
+        config = load_config(job_id, settings=settings, storage=storage)
+        stages = tuple(s for s in stages_for(config.method) if s != "evaluation" or config.evals)
+        reporter = ProgressReporter(fence, stages)
+        with Heartbeat(fence):
+            try:
+                result = run_pipeline(
+                    config, run_dir, progress=reporter, should_cancel=CancelFlag(fence)
+                )
+            except RunDirConflict:
+                # The directory holds another spec's stages (e.g. storage moved): start clean.
+                shutil.rmtree(run_dir, ignore_errors=True)
+                result = run_pipeline(
+                    config, run_dir, progress=reporter, should_cancel=CancelFlag(fence)
+                )
+        with short_session(settings) as session:
+            suffix = session.scalar(select(Job.suffix).where(Job.id == job_id))
+        artifacts = store_artifacts(job_id, suffix, result, storage=storage)
+        finish(fence, status="succeeded", artifacts=artifacts, data={"timings": result.timings})
+        return "succeeded"
+    except Cancelled:
+        if fence.lost.is_set():
+            log.warning("job %s attempt %s lost its claim; stopping quietly", job_id, attempt)
+            return "lost"
+        finish(
+            fence,
+            status="cancelled",
+            error=("cancelled", "Cancelled by request at a step boundary."),
+        )
+        return "cancelled"
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        finish(fence, status="failed", error=classify_failure(exc))
+        return "failed"
