@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 Kind = Literal["mcqa", "oeqa"]
-FORMATS = ("canonical", "mmlu", "arc", "nq")
+FORMATS = ("canonical", "mmlu", "arc", "nq", "openai_chat")
 LETTERS = string.ascii_uppercase
 MMLU_HEADER = ["id", "lang", "question", "A", "B", "C", "D", "target"]
 
@@ -215,6 +215,88 @@ def read_nq(file: Path) -> Iterator[QARecord]:
         yield QARecord(rid, question, aliases=_aliases(obj, file, line), meta=_where(file, line))
 
 
+# OpenAI chat fine-tuning lines are read as open-ended QA: the user turn is the question and
+# the assistant turn its gold answer. Longer answers are not QA gold labels (they could never
+# be matched by the OEQA scorer), so they are refused rather than silently mis-scored.
+CHAT_MAX_ANSWER_CHARS = 300
+_CHAT_TOOL_KEYS = ("tool_calls", "function_call")
+
+
+def _chat_content(message: dict[str, Any], file: Path, line: int, where: str) -> str:
+    """A turn's text: a string, or a list of `{"type": "text", "text": ...}` parts."""
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise DataError(file, "only text content parts are supported", line=line, field=f"{where}.content[{i}]")
+            texts.append(part["text"])
+        content = "".join(texts)
+    if content is None:
+        raise DataError(file, "missing", line=line, field=f"{where}.content")
+    if not isinstance(content, str):
+        raise DataError(file, f"expected text, got {type(content).__name__}", line=line, field=f"{where}.content")
+    if not content.strip():
+        raise DataError(file, "empty", line=line, field=f"{where}.content")
+    return content.strip()
+
+
+def read_openai_chat(file: Path) -> Iterator[QARecord]:
+    """OpenAI chat fine-tuning JSONL, one question per line, read as OEQA:
+    {"messages": [{"role": "system", ...}?, {"role": "user", "content": Q}, {"role": "assistant", "content": A}]}.
+
+    Anything that is not one question and one short answer (system-only lines, further turns,
+    tool or function calls, weight-0 answers) is an error naming the line and the message.
+    """
+    for line, obj in _json_lines(file):
+        for key in ("tools", "functions"):
+            if key in obj:
+                raise DataError(file, "tool and function definitions are not supported; each line must be one question and its answer", line=line, field=key)
+        messages = obj.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise DataError(file, "expected a non-empty list of chat messages", line=line, field="messages")
+        roles = []
+        for i, message in enumerate(messages):
+            where = f"messages[{i}]"
+            if not isinstance(message, dict):
+                raise DataError(file, f"expected a message object, got {type(message).__name__}", line=line, field=where)
+            role = message.get("role")
+            if role in ("tool", "function") or any(k in message for k in _CHAT_TOOL_KEYS):
+                raise DataError(file, "tool and function calls are not supported", line=line, field=where)
+            if role not in ("system", "developer", "user", "assistant"):
+                raise DataError(file, f"unknown role {role!r}; expected system, user or assistant", line=line, field=f"{where}.role")
+            roles.append(role)
+        # Leading system/developer messages are allowed and dropped: GRAIT writes its own prompt.
+        start = 0
+        while start < len(roles) and roles[start] in ("system", "developer"):
+            start += 1
+        turns = roles[start:]
+        if not turns:
+            raise DataError(file, "only a system message; expected a user question and an assistant answer", line=line, field="messages")
+        if turns[0] != "user":
+            raise DataError(file, f"expected the user question after the system message, got {turns[0]!r}", line=line, field=f"messages[{start}].role")
+        if len(turns) == 1:
+            raise DataError(file, "the user question has no assistant answer", line=line, field="messages")
+        if turns[1] != "assistant":
+            raise DataError(file, "expected exactly one user question followed by one assistant answer", line=line, field=f"messages[{start + 1}].role")
+        if len(turns) > 2:
+            raise DataError(file, f"multi-turn conversations are not supported ({len(turns)} turns); expected one question and one answer", line=line, field=f"messages[{start + 2}]")
+        answer_message = messages[start + 1]
+        if answer_message.get("weight", 1) != 1:
+            raise DataError(file, "an answer with weight 0 trains nothing; remove the line or set weight 1", line=line, field=f"messages[{start + 1}].weight")
+        question = _chat_content(messages[start], file, line, f"messages[{start}]")
+        answer = _chat_content(answer_message, file, line, f"messages[{start + 1}]")
+        if len(answer) > CHAT_MAX_ANSWER_CHARS:
+            raise DataError(
+                file,
+                f"answer is {len(answer)} characters; chat lines are read as open-ended QA and need a short answer (at most {CHAT_MAX_ANSWER_CHARS})",
+                line=line,
+                field=f"messages[{start + 1}].content",
+            )
+        rid = str(obj.get("id") or f"{file.stem}-{line}")
+        yield QARecord(rid, question, aliases=(answer,), meta=_where(file, line))
+
+
 def _mmlu_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(path.glob("*.csv"))
@@ -258,7 +340,13 @@ def read_mmlu(path: Path) -> Iterator[QARecord]:
                 yield QARecord(rid, question, tuple(options), target, meta=meta)
 
 
-READERS = {"canonical": read_canonical, "mmlu": read_mmlu, "arc": read_arc, "nq": read_nq}
+READERS = {
+    "canonical": read_canonical,
+    "mmlu": read_mmlu,
+    "arc": read_arc,
+    "nq": read_nq,
+    "openai_chat": read_openai_chat,
+}
 
 
 def detect_format(path: Path) -> str:
@@ -275,6 +363,8 @@ def detect_format(path: Path) -> str:
                 raise DataError(path, f"invalid JSON ({exc.msg} at column {exc.colno})", line=number) from None
             if not isinstance(obj, dict):
                 raise DataError(path, "expected a JSON object per line", line=number)
+            if "messages" in obj:
+                return "openai_chat"
             if isinstance(obj.get("question"), dict) and "answerKey" in obj:
                 return "arc"
             if "qid" in obj and "answers" in obj:

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from grait.registry import KNOWN_MODELS, converted_path, package_dir
 
 log = logging.getLogger(__name__)
+hf_logging.disable_progress_bar()  # weight-loading bars would interleave with our stage bars
 
 
 @dataclass(frozen=True)

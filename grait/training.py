@@ -8,6 +8,7 @@ optimizer, schedule, clipping, device placement — is the Trainer's own.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ from transformers import (
 from grait.config import LoraConfigSpec
 from grait.events import Cancelled
 from grait.prompts import Encoded, collate, per_sample_answer_loss
+
+# Raised by Trainer's own internals on every run; nothing a caller can act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 @dataclass(frozen=True)

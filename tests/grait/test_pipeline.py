@@ -136,9 +136,10 @@ def test_model_that_always_refuses_has_refusal_rate_one(tiny_model_dir, shared_d
         tiny_model_dir,
         shared_data,
         method="rtuning",
+        train={"path": str(shared_data / "arc_easy" / "dev.jsonl"), "limit": 8},
         knowledge={**hp["knowledge"], "tau": 1.0},
         lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
-        training={"epochs": 40, "batch_size": 8, "learning_rate": 2e-2, "max_length": 256, "warmup_ratio": 0.0, "lr_scheduler": "constant"},
+        training={"epochs": 30, "batch_size": 8, "learning_rate": 2e-2, "max_length": 256, "warmup_ratio": 0.0, "lr_scheduler": "constant"},
         evaluation={"max_new_tokens": 6, "batch_size": 8, "eval_base_refuse_prompt": False},
     )
     result = run_pipeline(cfg, tmp_path / "run")
