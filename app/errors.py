@@ -70,9 +70,10 @@ def loc_to_param(loc: tuple[Any, ...] | list[Any], *, skip_source: bool = True) 
     return out or None
 
 
-def validation_error_response(
+def describe_validation_errors(
     errors: list[dict[str, Any]], *, prefix: str = "", skip_source: bool = True
-) -> JSONResponse:
+) -> tuple[str, str | None]:
+    """(message, param) for a list of Pydantic errors: the first one, and how many more."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     param = loc_to_param(first.get("loc", ()), skip_source=skip_source)
     if prefix:
@@ -82,6 +83,13 @@ def validation_error_response(
         message = f"{param}: {message}"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return message, param
+
+
+def validation_error_response(
+    errors: list[dict[str, Any]], *, prefix: str = "", skip_source: bool = True
+) -> JSONResponse:
+    message, param = describe_validation_errors(errors, prefix=prefix, skip_source=skip_source)
     return JSONResponse(status_code=422, content=error_body("invalid_request", message, param))
 
 

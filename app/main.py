@@ -14,6 +14,7 @@ from app.embedded import EmbeddedWorker
 from app.errors import install_error_handlers
 from app.jobs.router import router as jobs_router
 from app.models_api.router import router as models_router
+from app.openai_compat.router import router as openai_router
 from app.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -47,4 +48,6 @@ def create_app() -> FastAPI:
     app.include_router(datasets_router)
     app.include_router(jobs_router)
     app.include_router(models_router)
+    # The OpenAI-compatible face (/v1/files, /v1/fine_tuning/jobs) over the same services.
+    app.include_router(openai_router)
     return app

@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     validate = data.add_parser("validate", help="check a QA file and count its records")
     validate.add_argument("file")
-    validate.add_argument("--format", default="auto", choices=["auto", "canonical", "mmlu", "arc", "nq"])
+    validate.add_argument("--format", default="auto", choices=["auto", "canonical", "mmlu", "arc", "nq", "openai_chat"])
     validate.set_defaults(func=cmd_validate)
 
     models = sub.add_parser("models", help="base models").add_subparsers(dest="models_command", required=True)

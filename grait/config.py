@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Method = Literal["grait", "grait-noweight", "random-idk", "rtuning", "van"]
 METHODS: tuple[str, ...] = ("grait", "grait-noweight", "random-idk", "rtuning", "van")
-DataFormat = Literal["auto", "canonical", "mmlu", "arc", "nq"]
+DataFormat = Literal["auto", "canonical", "mmlu", "arc", "nq", "openai_chat"]
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 REFUSAL = "I don't know."
 
@@ -175,7 +175,7 @@ class JobConfig(_Strict):
         path = Path(path)
         raw = yaml.safe_load(path.read_text()) or {}
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
+            raise TypeError(f"{path}: expected a mapping at the top level")
         base = path.resolve().parent
         for spec in [raw.get("train")] + list(raw.get("evals") or []):
             if isinstance(spec, dict) and "path" in spec and not Path(spec["path"]).is_absolute():

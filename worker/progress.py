@@ -63,6 +63,9 @@ class ProgressReporter:
         self.start_fraction: float | None = None
         self.last_progress_write = 0.0
         self.last_step_metrics_write = 0.0
+        # A stage's summary metrics, kept for its stage_completed event: the checkpoints and
+        # trained_tokens of a job are read from those few events, not from every metrics row.
+        self.stage_metrics: dict[str, dict[str, Any]] = {}
 
     def fraction(
         self, stage: str, done: int, total: int, *, completed: bool = False
@@ -142,6 +145,9 @@ class ProgressReporter:
             )
         elif ev.kind in ("stage_completed", "stage_skipped"):
             values = self._progress_values(self.fraction(ev.stage, 1, 1, completed=True))
+            data = dict(ev.data)
+            if ev.kind == "stage_completed" and ev.stage in self.stage_metrics:
+                data["metrics"] = self.stage_metrics.pop(ev.stage)
             self.fence.write(
                 job_values=values,
                 events=[
@@ -149,7 +155,7 @@ class ProgressReporter:
                         ev.kind,
                         ev.stage,
                         ev.message or f"{ev.stage} {ev.kind.split('_')[1]}",
-                        data=ev.data or None,
+                        data=data or None,
                     )
                 ],
             )
@@ -161,6 +167,8 @@ class ProgressReporter:
                 if now - self.last_step_metrics_write < self.fence.settings.progress_write_seconds:
                     return
                 self.last_step_metrics_write = now
+            else:
+                self.stage_metrics[ev.stage] = dict(ev.data)
             self.fence.write(
                 events=[
                     self.event(

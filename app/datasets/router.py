@@ -1,20 +1,15 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 
 from app.datasets import service
 from app.datasets.schemas import DatasetDeleted, DatasetObject
-from app.datasets.upload import receive_upload
+from app.datasets.upload import accept_dataset_upload
 from app.deps import SessionDep, SettingsDep, StorageDep
-from app.errors import ERROR_RESPONSES, APIError
+from app.errors import ERROR_RESPONSES
 from app.pagination import AfterQuery, LimitQuery, ListPage, page_of
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERROR_RESPONSES)
-
-MULTIPART_FRAMING_SLACK = 64 * 1024
 
 _UPLOAD_BODY = {
     "requestBody": {
@@ -49,37 +44,7 @@ async def upload_dataset(
     request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep
 ) -> DatasetObject:
     """Upload a QA file; it is stored only if every record reads cleanly."""
-    declared = request.headers.get("content-length")
-    if (
-        declared
-        and declared.isdigit()
-        and int(declared) > settings.max_upload_bytes + MULTIPART_FRAMING_SLACK
-    ):
-        raise APIError(
-            413,
-            "payload_too_large",
-            f"The upload exceeds the limit of {settings.max_upload_bytes} bytes.",
-            param="file",
-        )
-    staging = storage.staging_path()
-    upload = await receive_upload(request, staging, max_bytes=settings.max_upload_bytes)
-    assert upload.path is not None
-    # The readers sniff MMLU by the .csv suffix, so the staged file keeps the client's one.
-    suffix = "".join(
-        c for c in Path(upload.filename or "").suffix.lower() if c.isalnum() or c == "."
-    )
-    staged = upload.path.rename(upload.path.with_suffix(suffix)) if suffix else upload.path
-    row = await run_in_threadpool(
-        service.store_dataset,
-        session=session,
-        storage=storage,
-        staged=staged,
-        filename=upload.filename or "dataset",
-        name=upload.fields.get("name"),
-        format=upload.fields.get("format", "auto").strip() or "auto",
-        size=upload.size,
-        sha256=upload.sha256,
-    )
+    row = await accept_dataset_upload(request, session=session, settings=settings, storage=storage)
     return DatasetObject.of(row)
 
 

@@ -17,7 +17,9 @@ class DatasetObject(BaseModel):
     object: Literal["dataset"] = "dataset"
     name: str
     filename: str
-    format: str = Field(description="canonical | mmlu | arc | nq (as detected or named at upload).")
+    format: str = Field(
+        description="canonical | mmlu | arc | nq | openai_chat (as detected or named at upload)."
+    )
     kind: Literal["mcqa", "oeqa", "mixed"]
     rows: int
     counts: DatasetCounts

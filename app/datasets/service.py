@@ -110,11 +110,16 @@ def get_dataset(*, session: Session, dataset_id: str) -> Dataset:
     return row
 
 
-def list_datasets(*, session: Session, after: str | None, limit: int) -> list[Dataset]:
-    """Newest first; `after` is the last id of the previous page."""
-    query = select(Dataset).order_by(Dataset.id.desc()).limit(limit + 1)
+def list_datasets(
+    *, session: Session, after: str | None, limit: int, order: str = "desc"
+) -> list[Dataset]:
+    """Newest first (or oldest first with `order="asc"`); `after` is the previous page's last id."""
+    newest_first = order == "desc"
+    query = (
+        select(Dataset).order_by(Dataset.id.desc() if newest_first else Dataset.id).limit(limit + 1)
+    )
     if after:
-        query = query.where(Dataset.id < after)
+        query = query.where(Dataset.id < after if newest_first else Dataset.id > after)
     return list(session.scalars(query))
 
 

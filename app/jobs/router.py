@@ -10,7 +10,6 @@ from app.errors import ERROR_RESPONSES
 from app.jobs import service
 from app.jobs.schemas import ArtifactObject, EventObject, JobCreate, JobObject, JobStatus
 from app.pagination import AfterQuery, LimitQuery, ListPage, page_of
-from app.queue import publish_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 
@@ -20,10 +19,8 @@ def create_job(
     body: JobCreate, session: SessionDep, storage: StorageDep, settings: SettingsDep
 ) -> JobObject:
     """Validate the spec, store the job, then put it on the queue (only after the commit)."""
-    job = service.create_job(session=session, storage=storage, request=body)
-    if publish_job(job.id, settings):
-        service.mark_published(session=session, job_id=job.id)
-    return JobObject.of(service.get_job(session=session, job_id=job.id))
+    job = service.submit_job(session=session, storage=storage, settings=settings, request=body)
+    return JobObject.of(job)
 
 
 @router.get("", response_model=ListPage[JobObject])

@@ -7,7 +7,7 @@ invalid job fails here with a 422 and never reaches a GPU.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import ValidationError
 from sqlalchemy import func, select, update
@@ -16,8 +16,10 @@ from sqlalchemy.orm import Session, selectinload
 from app.errors import APIError, loc_to_param, not_found
 from app.jobs.schemas import EVENT_PREFIX, DatasetRef, JobCreate
 from app.models import Artifact, Dataset, Job, JobDataset, JobEvent, new_id, utcnow
+from app.queue import publish_job
+from app.settings import Settings
 from app.storage import Storage
-from grait.config import DatasetSpec, JobConfig
+from grait.config import DataFormat, DatasetSpec, JobConfig
 from grait.registry import KNOWN_MODELS
 
 
@@ -30,7 +32,10 @@ def build_job_config(
     datasets: list[tuple[str, str, dict[str, Any]]],
 ) -> JobConfig:
     """The library's config from a job: `datasets` = [(local path, format, options)], train first."""
-    specs = [DatasetSpec(path=path, format=fmt, **options) for path, fmt, options in datasets]  # type: ignore[arg-type]
+    specs = [
+        DatasetSpec(path=path, format=_spec_format(fmt), **options)  # type: ignore[arg-type]
+        for path, fmt, options in datasets
+    ]
     return JobConfig(
         method=method,
         base_model=base_model,
@@ -39,6 +44,15 @@ def build_job_config(
         evals=specs[1:],
         **hyperparameters,
     )  # type: ignore[arg-type]
+
+
+def _spec_format(stored: str) -> str:
+    """A stored dataset's format as `DatasetSpec` takes it.
+
+    `grait.config.DataFormat` does not list every reader `grait.data` has (`openai_chat`);
+    such a file was validated at upload, and auto-detection names its format again.
+    """
+    return stored if stored in get_args(DataFormat) else "auto"
 
 
 def _check_base_model(base_model: str) -> None:
@@ -171,6 +185,17 @@ def _config_param(loc: tuple[Any, ...]) -> str:
     return loc_to_param(("hyperparameters", *loc), skip_source=False) or "hyperparameters"
 
 
+def submit_job(
+    *, session: Session, storage: Storage, settings: Settings, request: JobCreate
+) -> Job:
+    """Create the job, then publish it (only after its row is committed): what every face calls."""
+    job = create_job(session=session, storage=storage, request=request)
+    if publish_job(job.id, settings):
+        mark_published(session=session, job_id=job.id)
+    session.expire_all()
+    return get_job(session=session, job_id=job.id)
+
+
 def mark_published(*, session: Session, job_id: str) -> None:
     session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
     session.commit()
@@ -183,12 +208,22 @@ def get_job(*, session: Session, job_id: str) -> Job:
     return job
 
 
-def list_jobs(*, session: Session, after: str | None, limit: int, status: str | None) -> list[Job]:
+def list_jobs(
+    *,
+    session: Session,
+    after: str | None,
+    limit: int,
+    status: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> list[Job]:
+    """Newest first; `metadata` keeps jobs whose metadata has every given key = value."""
     query = select(Job).options(selectinload(Job.datasets)).order_by(Job.id.desc()).limit(limit + 1)
     if after:
         query = query.where(Job.id < after)
     if status:
         query = query.where(Job.status == status)
+    for key, value in (metadata or {}).items():
+        query = query.where(Job.user_metadata[key].as_string() == value)
     return list(session.scalars(query))
 
 
@@ -238,10 +273,26 @@ def cancel_job(*, session: Session, job_id: str) -> Job:
     return get_job(session=session, job_id=job_id)
 
 
-def list_events(*, session: Session, job_id: str, after: str | None, limit: int) -> list[JobEvent]:
-    """Oldest first; `after` is an event id (the `last_id` of the previous page)."""
+def list_events(
+    *,
+    session: Session,
+    job_id: str,
+    after: str | None,
+    limit: int,
+    order: str = "asc",
+    types: tuple[str, ...] | None = None,
+) -> list[JobEvent]:
+    """Oldest first (`order="desc"`: newest first); `after` is the previous page's last event id."""
     get_job(session=session, job_id=job_id)
-    query = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id).limit(limit + 1)
+    oldest_first = order == "asc"
+    query = (
+        select(JobEvent)
+        .where(JobEvent.job_id == job_id)
+        .order_by(JobEvent.id if oldest_first else JobEvent.id.desc())
+        .limit(limit + 1)
+    )
+    if types:
+        query = query.where(JobEvent.type.in_(types))
     if after:
         number = after.removeprefix(EVENT_PREFIX)
         if not number.isdigit():
@@ -251,8 +302,28 @@ def list_events(*, session: Session, job_id: str, after: str | None, limit: int)
                 f"after must be an event id like '{EVENT_PREFIX}12'.",
                 param="after",
             )
-        query = query.where(JobEvent.id > int(number))
+        query = query.where(
+            JobEvent.id > int(number) if oldest_first else JobEvent.id < int(number)
+        )
     return list(session.scalars(query))
+
+
+def stage_summaries(
+    *, session: Session, job_ids: list[str], stage: str
+) -> dict[str, dict[str, Any]]:
+    """{job id: metrics of its completed `stage`}, from the stage_completed events the worker writes."""
+    if not job_ids:
+        return {}
+    rows = session.scalars(
+        select(JobEvent)
+        .where(
+            JobEvent.job_id.in_(job_ids),
+            JobEvent.type == "stage_completed",
+            JobEvent.stage == stage,
+        )
+        .order_by(JobEvent.id)
+    )
+    return {row.job_id: (row.data or {}).get("metrics") or {} for row in rows}
 
 
 def list_artifacts(*, session: Session, job_id: str) -> list[Artifact]:
@@ -262,11 +333,44 @@ def list_artifacts(*, session: Session, job_id: str) -> list[Artifact]:
     )
 
 
-def get_artifact(*, session: Session, job_id: str, artifact_id: str) -> Artifact:
+def get_artifact(*, session: Session, job_id: str | None, artifact_id: str) -> Artifact:
+    """One artifact; with `job_id`, only if it belongs to that job."""
     row = session.get(Artifact, artifact_id)
-    if row is None or row.job_id != job_id:
+    if row is None or (job_id is not None and row.job_id != job_id):
         raise not_found("artifact", artifact_id)
     return row
+
+
+def list_artifacts_of_jobs(*, session: Session, job_ids: list[str]) -> dict[str, list[Artifact]]:
+    out: dict[str, list[Artifact]] = {job_id: [] for job_id in job_ids}
+    if job_ids:
+        for row in session.scalars(
+            select(Artifact).where(Artifact.job_id.in_(job_ids)).order_by(Artifact.id)
+        ):
+            out[row.job_id].append(row)
+    return out
+
+
+def list_all_artifacts(
+    *, session: Session, after: str | None, limit: int, order: str = "desc"
+) -> list[Artifact]:
+    """Every job's artifacts, newest first (or `order="asc"`); `after` is an artifact id."""
+    newest_first = order == "desc"
+    query = (
+        select(Artifact)
+        .order_by(Artifact.id.desc() if newest_first else Artifact.id)
+        .limit(limit + 1)
+    )
+    if after:
+        query = query.where(Artifact.id < after if newest_first else Artifact.id > after)
+    return list(session.scalars(query))
+
+
+def delete_artifact(*, session: Session, storage: Storage, artifact_id: str) -> None:
+    row = get_artifact(session=session, job_id=None, artifact_id=artifact_id)
+    session.delete(row)
+    session.commit()
+    storage.delete(row.storage_key)
 
 
 def count_by_status(*, session: Session) -> dict[str, int]:

@@ -88,7 +88,12 @@ def test_one_question_and_answer_per_line_is_open_ended_qa(tmp_path):
         ({**_chat("a?", "b"), "tools": []}, "tools", "tool"),
         ({"messages": [{"role": "user", "content": "a?"}]}, "messages", "no assistant answer"),
         (
-            {"messages": [{"role": "assistant", "content": "b"}, {"role": "user", "content": "a?"}]},
+            {
+                "messages": [
+                    {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "a?"},
+                ]
+            },
             "messages[0].role",
             "user question",
         ),

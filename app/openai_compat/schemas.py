@@ -1,0 +1,325 @@
+"""OpenAI's shapes for our objects: requests in, `file` / `fine_tuning.job` / events out.
+
+Ids are shared with the native API (a fine-tune file is a dataset `ds-…`, a result file is a
+job artifact `file-…`, a job is `job-…`), so nothing maps ids and both faces see one record.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from app.jobs.schemas import HYPERPARAMETER_GROUPS, DatasetInput
+from app.models import Artifact, Dataset, Job, JobEvent
+from grait.config import JobConfig, TrainingConfig
+from grait.events import STAGES
+
+DEFAULT_LEARNING_RATE: float = TrainingConfig.model_fields["learning_rate"].default
+
+# OpenAI method types -> grait methods. `supervised` is vanilla tuning (grait's `van`).
+METHOD_TYPES: dict[str, str] = {
+    "grait": "grait",
+    "grait-noweight": "grait-noweight",
+    "random-idk": "random-idk",
+    "rtuning": "rtuning",
+    "supervised": "van",
+    "van": "van",
+}
+METHOD_NAMES = {"van": "supervised"}  # grait method -> the type we report
+DEFAULT_METHOD = "grait"
+MethodType = Literal["grait", "grait-noweight", "random-idk", "rtuning", "supervised", "van"]
+Auto = Literal["auto"]
+
+
+# ---- requests ------------------------------------------------------------------------------
+
+
+class OpenAIHyperparameters(BaseModel):
+    """OpenAI's three knobs; `auto` (or absent) = grait's default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: int | Auto | None = Field(None, description="-> training.epochs (default 3).")
+    batch_size: int | Auto | None = Field(None, description="-> training.batch_size (default 16).")
+    learning_rate_multiplier: float | Auto | None = Field(
+        None,
+        description=f"Multiplies training.learning_rate (default {DEFAULT_LEARNING_RATE}).",
+    )
+
+
+MethodHyperparameters = create_model(  # type: ignore[call-overload]
+    "MethodHyperparameters",
+    __base__=OpenAIHyperparameters,
+    __doc__="OpenAI's three knobs plus every grait.config group (knowledge, lora, ... evaluation).",
+    **{
+        name: (JobConfig.model_fields[name].annotation | None, None)
+        for name in HYPERPARAMETER_GROUPS
+    },
+)
+
+
+class MethodSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: MethodHyperparameters = Field(default_factory=MethodHyperparameters)  # type: ignore[valid-type]
+    eval_files: list[DatasetInput] = Field(
+        default_factory=list,
+        max_length=15,
+        description="Out-of-distribution eval file ids (or {id, limit, offset, shuffle, name}).",
+    )
+
+
+class Method(BaseModel):
+    """`{"type": "grait", "grait": {"hyperparameters": {...}, "eval_files": [...]}}`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    type: MethodType
+    grait: MethodSettings | None = None
+    grait_noweight: MethodSettings | None = Field(None, alias="grait-noweight")
+    random_idk: MethodSettings | None = Field(None, alias="random-idk")
+    rtuning: MethodSettings | None = None
+    supervised: MethodSettings | None = None
+    van: MethodSettings | None = None
+
+    @model_validator(mode="after")
+    def _only_the_chosen_block(self) -> Method:
+        for name, field in type(self).model_fields.items():
+            key = field.alias or name
+            if key not in ("type", self.type) and getattr(self, name) is not None:
+                raise ValueError(f"method.{key} is given but method.type is {self.type!r}")
+        return self
+
+    @property
+    def settings(self) -> MethodSettings:
+        return getattr(self, self.type.replace("-", "_")) or MethodSettings()
+
+
+class FineTuningJobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Base model: alias from GET /v1/models, local HF dir or hub id.")
+    training_file: str
+    validation_file: str | None = Field(None, description="The in-distribution eval set.")
+    suffix: str | None = None
+    seed: int | None = Field(None, description="Default 0 (grait runs are seeded).")
+    metadata: dict[str, str] | None = None
+    hyperparameters: OpenAIHyperparameters | None = None
+    method: Method | None = Field(
+        None, description=f'Absent = `{{"type": "{DEFAULT_METHOD}"}}` with grait\'s defaults.'
+    )
+    integrations: list[Any] | None = Field(None, max_length=0, description="Not supported.")
+
+
+# ---- responses -----------------------------------------------------------------------------
+
+
+class FileObject(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: Literal["fine-tune", "fine-tune-results"]
+    status: Literal["processed"] = "processed"
+    expires_at: int | None = None
+    status_details: str | None = None
+
+    @classmethod
+    def of_dataset(cls, row: Dataset) -> FileObject:
+        return cls(
+            id=row.id,
+            bytes=row.bytes,
+            created_at=int(row.created_at.timestamp()),
+            filename=row.filename,
+            purpose="fine-tune",
+            format=row.format,
+            kind=row.kind,
+            rows=row.rows,
+        )
+
+    @classmethod
+    def of_artifact(cls, row: Artifact) -> FileObject:
+        return cls(
+            id=row.id,
+            bytes=row.bytes,
+            created_at=int(row.created_at.timestamp()),
+            filename=row.filename,
+            purpose="fine-tune-results",
+            job_id=row.job_id,
+            kind=row.kind,
+        )
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+class JobErrorObject(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class FineTuningJobObject(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    finished_at: int | None
+    model: str
+    fine_tuned_model: str | None = Field(
+        description="`<base>:ft-grait:<suffix>:<job id>` once succeeded; the adapter is in result_files."
+    )
+    organization_id: str = "local"
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    error: JobErrorObject | None
+    training_file: str | None
+    validation_file: str | None
+    result_files: list[str] = Field(
+        description="report JSON, report Markdown, plot, adapter archive, selected training set."
+    )
+    hyperparameters: dict[str, Any]
+    method: dict[str, Any]
+    seed: int
+    suffix: str | None
+    metadata: dict[str, str] | None
+    trained_tokens: int | None
+    estimated_finish: int | None
+    integrations: list[Any] = Field(default_factory=list)
+
+    @classmethod
+    def of(
+        cls, job: Job, *, artifacts: list[Artifact], training_metrics: dict[str, Any] | None
+    ) -> FineTuningJobObject:
+        train = next((link.dataset_id for link in job.datasets if link.role == "train"), None)
+        evals = [link.dataset_id for link in job.datasets if link.role == "eval"]
+        knobs = openai_knobs(job.hyperparameters)
+        method_type = METHOD_NAMES.get(job.method, job.method)
+        estimated = None
+        if job.status == "running" and job.eta_seconds is not None:
+            estimated = int(time.time() + job.eta_seconds)
+        trained = (training_metrics or {}).get("trained_tokens")
+        return cls(
+            id=job.id,
+            created_at=_ts(job.created_at),  # type: ignore[arg-type]
+            finished_at=_ts(job.finished_at),
+            model=job.base_model,
+            fine_tuned_model=fine_tuned_model_name(job) if job.status == "succeeded" else None,
+            status="validating_files" if job.status == "validating" else job.status,  # type: ignore[arg-type]
+            error=JobErrorObject(code=job.error_code, message=job.error_message or "")
+            if job.status == "failed" and job.error_code
+            else None,
+            training_file=train,
+            validation_file=evals[0] if evals else None,
+            result_files=[row.id for row in sorted(artifacts, key=_artifact_order)],
+            hyperparameters=knobs,
+            method={
+                "type": method_type,
+                method_type: {
+                    "hyperparameters": {**knobs, **job.hyperparameters},
+                    "eval_files": evals[1:],
+                },
+            },
+            seed=job.seed,
+            suffix=job.suffix,
+            metadata=job.user_metadata,
+            trained_tokens=int(trained) if trained is not None else None,
+            estimated_finish=estimated,
+        )
+
+
+RESULT_ORDER = ("report_json", "report_md", "report_plot", "adapter", "train_set", "selection")
+
+
+def _artifact_order(row: Artifact) -> tuple[int, str]:
+    kind = RESULT_ORDER.index(row.kind) if row.kind in RESULT_ORDER else len(RESULT_ORDER)
+    return kind, row.id
+
+
+def openai_knobs(hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's three knobs, read back from a job's full grait hyperparameters."""
+    training = hyperparameters.get("training", {})
+    epochs = training.get("epochs")
+    return {
+        "n_epochs": int(epochs) if isinstance(epochs, float) and epochs.is_integer() else epochs,
+        "batch_size": training.get("batch_size"),
+        "learning_rate_multiplier": round(
+            training.get("learning_rate", DEFAULT_LEARNING_RATE) / DEFAULT_LEARNING_RATE, 8
+        ),
+    }
+
+
+def fine_tuned_model_name(job: Job) -> str:
+    base = job.base_model
+    if base.startswith(("/", ".", "~")):  # a local directory: its name, not the path
+        base = Path(base).name
+    return f"{base}:ft-grait:{job.suffix or ''}:{job.id}"
+
+
+def _ts(value: Any) -> int | None:
+    return None if value is None else int(value.timestamp())
+
+
+class FineTuningJobEventObject(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"]
+    data: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, row: JobEvent) -> FineTuningJobEventObject:
+        from app.jobs.schemas import EVENT_PREFIX
+
+        return cls(
+            id=f"{EVENT_PREFIX}{row.id}",
+            created_at=int(row.created_at.timestamp()),
+            level="warn" if row.level == "warning" else row.level,  # type: ignore[arg-type]
+            message=row.message,
+            type="metrics" if row.type == "metrics" else "message",
+            data=row.data,
+            stage=row.stage,
+            grait_type=row.type,
+        )
+
+
+CHECKPOINT_PREFIX = "ckpt-"
+
+
+class FineTuningJobCheckpointObject(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: dict[str, Any]
+    step_number: int = Field(description="1-based position of the stage in the pipeline.")
+
+    @classmethod
+    def of(cls, row: JobEvent, job: Job) -> FineTuningJobCheckpointObject:
+        stage = row.stage or ""
+        metrics = dict((row.data or {}).get("metrics") or {})
+        if stage == "training" and metrics.get("final_loss") is not None:
+            metrics.setdefault("train_loss", metrics["final_loss"])
+        return cls(
+            id=f"{CHECKPOINT_PREFIX}{row.id}",
+            created_at=int(row.created_at.timestamp()),
+            fine_tuned_model_checkpoint=f"{fine_tuned_model_name(job)}:{stage}",
+            fine_tuning_job_id=job.id,
+            metrics=metrics,
+            step_number=STAGES.index(stage) + 1 if stage in STAGES else 0,
+            stage=stage,
+        )

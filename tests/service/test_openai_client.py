@@ -1,0 +1,384 @@
+"""The official `openai` client against the real server (uvicorn, Celery worker, Postgres, Redis).
+
+Only the client's own calls drive the OpenAI face; httpx is used to look at the native face,
+which must show the same files and jobs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from .conftest import SHARED_DATA, TERMINAL, Worker, wait_for
+
+ARC_TEST = SHARED_DATA / "arc_easy" / "test.jsonl"
+NQ_DEV = SHARED_DATA / "nq" / "dev_part1.jsonl"
+STAGES = ["knowledge_query", "warmup", "gradient_features", "selection", "training", "evaluation"]
+
+
+def chat_lines(start: int, count: int) -> str:
+    """NQ questions in OpenAI's chat fine-tuning format (a system line, a question, an answer)."""
+    rows = [json.loads(line) for line in NQ_DEV.read_text(encoding="utf-8").splitlines()]
+    return "".join(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": "Answer with a few words."},
+                    {"role": "user", "content": row["question"]},
+                    {"role": "assistant", "content": row["answers"][0]},
+                ]
+            }
+        )
+        + "\n"
+        for row in rows[start : start + count]
+    )
+
+
+@pytest.fixture(scope="module")
+def files_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ARC-Easy training excerpt, a small ARC validation set, NQ as chat, and broken files."""
+    out = tmp_path_factory.mktemp("openai-files")
+    arc = ARC_TEST.read_text(encoding="utf-8").splitlines()
+    (out / "arc_train.jsonl").write_text("\n".join(arc[:30]) + "\n", encoding="utf-8")
+    (out / "arc_valid.jsonl").write_text("\n".join(arc[30:36]) + "\n", encoding="utf-8")
+    (out / "nq_chat.jsonl").write_text(chat_lines(0, 4), encoding="utf-8")
+    (out / "broken_arc.jsonl").write_text(
+        "\n".join(arc[:2]) + '\n{"id": "x", "question": {"stem": "?"}}\n', encoding="utf-8"
+    )
+    multi_turn = {
+        "messages": [
+            {"role": "user", "content": "a?"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c?"},
+            {"role": "assistant", "content": "d"},
+        ]
+    }
+    (out / "multi_turn_chat.jsonl").write_text(
+        chat_lines(0, 1) + json.dumps(multi_turn) + "\n", encoding="utf-8"
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def oai(api_url: str) -> Iterator[openai.OpenAI]:
+    client = openai.OpenAI(base_url=f"{api_url}/v1", api_key="test-key")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def uploaded(oai: openai.OpenAI, files_dir: Path) -> dict[str, str]:
+    """File ids of the training, validation and chat eval files (uploaded once)."""
+    out = {}
+    for key in ("arc_train", "arc_valid", "nq_chat"):
+        with (files_dir / f"{key}.jsonl").open("rb") as fh:
+            out[key] = oai.files.create(file=fh, purpose="fine-tune").id
+    return out
+
+
+def tiny_grait_method(uploaded: dict[str, str]) -> dict[str, Any]:
+    """`grait` on the tiny model, with OpenAI's knobs standing in for three grait ones."""
+    from grait.testing import tiny_hyperparameters
+
+    hyper = tiny_hyperparameters()
+    training = hyper["training"]
+    epochs, batch_size = training.pop("epochs"), training.pop("batch_size")
+    lr_multiplier = training.pop("learning_rate") / 2e-4  # grait's default learning rate
+    hyper["evaluation"]["eval_base_refuse_prompt"] = False
+    return {
+        "type": "grait",
+        "grait": {
+            "hyperparameters": {
+                "n_epochs": epochs,
+                "batch_size": batch_size,
+                "learning_rate_multiplier": lr_multiplier,
+                **hyper,
+            },
+            "eval_files": [uploaded["nq_chat"]],
+        },
+    }
+
+
+# ---- files -----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_fine_tune_file_is_a_dataset_seen_through_both_faces(
+    oai: openai.OpenAI, client: httpx.Client, files_dir: Path, uploaded: dict[str, str]
+) -> None:
+    path = files_dir / "arc_train.jsonl"
+    with path.open("rb") as fh:
+        created = oai.files.create(file=fh, purpose="fine-tune")
+
+    assert (created.object, created.purpose, created.status) == ("file", "fine-tune", "processed")
+    assert (created.filename, created.bytes) == ("arc_train.jsonl", path.stat().st_size)
+    native = client.get(f"/v1/datasets/{created.id}").json()
+    assert (native["format"], native["kind"], native["rows"]) == ("arc", "mcqa", 30)
+    assert oai.files.retrieve(created.id).id == created.id
+    assert oai.files.content(created.id).content == path.read_bytes()
+    listed = [f.id for f in oai.files.list(purpose="fine-tune", limit=1)]  # auto-paginates
+    assert created.id in listed and uploaded["arc_train"] in listed
+    assert listed.index(created.id) < listed.index(uploaded["arc_train"])  # newest first
+
+    deleted = oai.files.delete(created.id)
+
+    assert deleted.deleted and deleted.id == created.id
+    with pytest.raises(openai.NotFoundError):
+        oai.files.retrieve(created.id)
+    assert client.get(f"/v1/datasets/{created.id}").status_code == 404
+
+
+@pytest.mark.timeout(60)
+def test_chat_file_is_read_as_open_ended_questions(
+    client: httpx.Client, uploaded: dict[str, str]
+) -> None:
+    native = client.get(f"/v1/datasets/{uploaded['nq_chat']}").json()
+    assert (native["format"], native["kind"], native["rows"]) == ("openai_chat", "oeqa", 4)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("broken_arc.jsonl", "line 3, field 'question.choices'"),
+        ("multi_turn_chat.jsonl", "line 2, field 'messages[2]': multi-turn"),
+    ],
+)
+def test_invalid_file_raises_bad_request_naming_the_line(
+    oai: openai.OpenAI, client: httpx.Client, files_dir: Path, name: str, words: str
+) -> None:
+    before = client.get("/v1/datasets", params={"limit": 100}).json()["data"]
+    with (files_dir / name).open("rb") as fh, pytest.raises(openai.BadRequestError) as info:
+        oai.files.create(file=fh, purpose="fine-tune")
+
+    assert words in info.value.message, info.value.message
+    assert (info.value.param, info.value.code, info.value.type) == (
+        "file",
+        "invalid_dataset",
+        "invalid_request_error",
+    )
+    assert client.get("/v1/datasets", params={"limit": 100}).json()["data"] == before
+
+
+@pytest.mark.timeout(60)
+def test_upload_with_another_purpose_is_refused(oai: openai.OpenAI, files_dir: Path) -> None:
+    with (
+        (files_dir / "arc_valid.jsonl").open("rb") as fh,
+        pytest.raises(openai.BadRequestError) as info,
+    ):
+        oai.files.create(file=fh, purpose="assistants")
+    assert info.value.param == "purpose" and "fine-tune" in info.value.message
+
+
+# ---- job requests the service refuses --------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("overrides", "param", "words"),
+    [
+        ({"hyperparameters": {"n_epoch": 2}}, "hyperparameters.n_epoch", "unknown hyperparameter"),
+        (
+            {"method": {"type": "grait", "grait": {"hyperparameters": {"trainin": {}}}}},
+            "method.grait.hyperparameters.trainin",
+            "unknown hyperparameter 'trainin'",
+        ),
+        ({"model": "gpt-4o-mini"}, "model", "model 'gpt-4o-mini' is neither a known alias"),
+        ({"training_file": "ds-missing"}, "training_file", "No fine-tune file with id"),
+        ({"validation_file": "ds-missing"}, "validation_file", "No fine-tune file with id"),
+        ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs", "greater than 0"),
+        (
+            {"hyperparameters": {"learning_rate_multiplier": -1}},
+            "hyperparameters.learning_rate_multiplier",
+            "greater than 0",
+        ),
+        (
+            {"method": {"type": "rtuning", "rtuning": {"hyperparameters": {"lora": {"r": 0}}}}},
+            "method.rtuning.hyperparameters.lora.r",
+            "greater than or equal to 1",
+        ),
+        ({"method": {"type": "dpo"}}, "method.type", "'grait'"),
+        (
+            {"method": {"type": "grait", "supervised": {}}},
+            "method",
+            "method.supervised is given but method.type is 'grait'",
+        ),
+        (
+            {
+                "hyperparameters": {"n_epochs": 1},
+                "method": {"type": "grait", "grait": {"hyperparameters": {"n_epochs": 2}}},
+            },
+            "hyperparameters",
+            "not both",
+        ),
+        (
+            {"validation_file": None, "method": {"type": "grait", "grait": {"eval_files": ["x"]}}},
+            "method.grait.eval_files",
+            "validation_file",
+        ),
+        ({"suffix": "has space"}, "suffix", "suffix"),
+    ],
+)
+def test_invalid_job_raises_bad_request_saying_what_is_wrong(
+    oai: openai.OpenAI,
+    client: httpx.Client,
+    uploaded: dict[str, str],
+    overrides: dict[str, Any],
+    param: str,
+    words: str,
+) -> None:
+    before = client.get("/v1/jobs", params={"limit": 100}).json()["data"]
+    request = {
+        "model": "smollm2-135m-instruct",
+        "training_file": uploaded["arc_train"],
+        "validation_file": uploaded["arc_valid"],
+        **overrides,
+    }
+
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.fine_tuning.jobs.create(**request)
+
+    assert info.value.param == param, info.value.body
+    assert words in info.value.message, info.value.message
+    assert info.value.type == "invalid_request_error"
+    assert client.get("/v1/jobs", params={"limit": 100}).json()["data"] == before
+
+
+@pytest.mark.timeout(60)
+def test_unknown_ids_raise_not_found(oai: openai.OpenAI) -> None:
+    for call in (
+        lambda: oai.fine_tuning.jobs.retrieve("job-unknown"),
+        lambda: oai.fine_tuning.jobs.cancel("job-unknown"),
+        lambda: oai.fine_tuning.jobs.list_events("job-unknown"),
+        lambda: oai.fine_tuning.jobs.checkpoints.list("job-unknown"),
+        lambda: oai.files.retrieve("file-unknown"),
+        lambda: oai.files.content("ds-unknown"),
+        lambda: oai.files.delete("nothing-like-an-id"),
+    ):
+        with pytest.raises(openai.NotFoundError) as info:
+            call()
+        assert "unknown" in info.value.message or "nothing" in info.value.message
+        assert info.value.type == "invalid_request_error"
+
+
+# ---- jobs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_cancel_of_a_queued_job_and_its_file_in_use(
+    oai: openai.OpenAI, client: httpx.Client, uploaded: dict[str, str], no_worker: Worker
+) -> None:
+    job = oai.fine_tuning.jobs.create(
+        model="smollm2-135m-instruct",
+        training_file=uploaded["arc_valid"],
+        metadata={"purpose": "cancel-test"},
+    )
+    assert job.status == "queued" and job.method.type == "grait"  # the documented default
+    assert job.hyperparameters.n_epochs == 3 and job.hyperparameters.learning_rate_multiplier == 1
+    started = time.monotonic()
+    with pytest.raises(openai.ConflictError) as info:
+        oai.files.delete(uploaded["arc_valid"])
+    assert job.id in info.value.message
+    assert time.monotonic() - started < 5  # answered once: the client is told not to retry
+
+    cancelled = oai.fine_tuning.jobs.cancel(job.id)
+
+    assert cancelled.status == "cancelled" and cancelled.finished_at is not None
+    assert cancelled.error is None and cancelled.fine_tuned_model is None
+    assert client.get(f"/v1/jobs/{job.id}").json()["status"] == "cancelled"
+    events = list(oai.fine_tuning.jobs.list_events(job.id))
+    assert [e.data["status"] for e in events] == ["cancelled", "queued"]  # newest first
+    assert all(e.object == "fine_tuning.job.event" and e.type == "message" for e in events)
+    found = list(oai.fine_tuning.jobs.list(metadata={"purpose": "cancel-test"}))
+    assert [j.id for j in found] == [job.id]
+
+
+@pytest.mark.timeout(300)
+def test_grait_job_through_the_openai_client(
+    oai: openai.OpenAI,
+    client: httpx.Client,
+    uploaded: dict[str, str],
+    tiny_model: Path,
+    worker: Worker,
+    tmp_path: Path,
+) -> None:
+    job = oai.fine_tuning.jobs.create(
+        model=str(tiny_model),
+        training_file=uploaded["arc_train"],
+        validation_file=uploaded["arc_valid"],
+        method=tiny_grait_method(uploaded),  # type: ignore[arg-type]
+        suffix="oai",
+        seed=3,
+        metadata={"suite": "openai-e2e"},
+    )
+    assert job.object == "fine_tuning.job" and job.status in ("queued", "running")
+    assert (job.hyperparameters.n_epochs, job.hyperparameters.batch_size) == (1, 8)
+    assert job.hyperparameters.learning_rate_multiplier == pytest.approx(5.0)
+    assert (job.training_file, job.validation_file, job.seed) == (
+        uploaded["arc_train"],
+        uploaded["arc_valid"],
+        3,
+    )
+    native = client.get(f"/v1/jobs/{job.id}").json()  # one job, two faces
+    assert native["hyperparameters"]["training"]["learning_rate"] == pytest.approx(1e-3)
+    assert native["eval_datasets"] == [uploaded["arc_valid"], uploaded["nq_chat"]]
+
+    def finished() -> Any:
+        current = oai.fine_tuning.jobs.retrieve(job.id)
+        return current if current.status in TERMINAL else None
+
+    done = wait_for(finished, timeout=240, interval=1.0, what=f"job {job.id} to finish")
+
+    assert done.status == "succeeded", (done.error, client.get(f"/v1/jobs/{job.id}").json())
+    assert done.fine_tuned_model == f"{tiny_model.name}:ft-grait:oai:{job.id}"
+    assert done.finished_at and done.estimated_finish is None and done.error is None
+    assert done.trained_tokens and done.trained_tokens > 0
+    assert done.method.type == "grait" and done.method.grait["eval_files"] == [uploaded["nq_chat"]]
+    assert job.id in [j.id for j in oai.fine_tuning.jobs.list(limit=1)]  # auto-pagination
+    assert [j.id for j in oai.fine_tuning.jobs.list(metadata={"suite": "openai-e2e"})] == [job.id]
+
+    events = list(oai.fine_tuning.jobs.list_events(job.id, limit=25))
+    assert events[0].data["status"] == "succeeded" and events[-1].data["status"] == "queued"
+    metrics = [e for e in events if e.type == "metrics"]
+    assert any("train_loss" in e.data for e in metrics)
+    assert any(e.data.get("n_ik", -1) + e.data.get("n_idk", 0) == 30 for e in metrics)
+
+    checkpoints = list(oai.fine_tuning.jobs.checkpoints.list(job.id, limit=2))
+    assert [c.stage for c in checkpoints] == STAGES[::-1]  # newest first
+    training = next(c for c in checkpoints if c.stage == "training")
+    assert training.step_number == 5 and training.fine_tuning_job_id == job.id
+    assert training.metrics.train_loss is not None
+    assert training.metrics.trained_tokens == done.trained_tokens
+    assert training.fine_tuned_model_checkpoint == f"{done.fine_tuned_model}:training"
+
+    results = {oai.files.retrieve(file_id).kind: file_id for file_id in done.result_files}
+    assert list(results)[:5] == ["report_json", "report_md", "report_plot", "adapter", "train_set"]
+    assert all(oai.files.retrieve(i).purpose == "fine-tune-results" for i in results.values())
+    report = json.loads(oai.files.content(results["report_json"]).content)
+    assert report["method"] == "grait"
+    assert [e["name"] for e in report["evals"]] == ["arc_valid", "nq_chat"]
+    assert oai.files.content(results["report_plot"]).content[:4] == b"\x89PNG"
+    weighted = oai.files.content(results["train_set"]).text.splitlines()
+    assert weighted and all("weight" in json.loads(row) for row in weighted)
+
+    adapter = oai.files.content(results["adapter"]).content
+    with tarfile.open(fileobj=io.BytesIO(adapter), mode="r:gz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    adapter_dir = next(p.parent for p in tmp_path.rglob("adapter_config.json"))
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter_dir)
+    assert tuned.peft_config["default"].r == 4
+
+    with pytest.raises(openai.ConflictError):
+        oai.fine_tuning.jobs.cancel(job.id)

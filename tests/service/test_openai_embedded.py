@@ -1,0 +1,72 @@
+"""The official `openai` client against the one-command mode: SQLite, embedded queue and worker."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import openai
+import pytest
+
+from .conftest import PYTHON, ROOT, TERMINAL, start_api, wait_for
+from .test_openai_client import chat_lines
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_supervised_job_on_chat_files_with_sqlite_and_the_embedded_worker(
+    tmp_path: Path, tiny_model: Path, logs_dir: Path
+) -> None:
+    from grait.testing import tiny_hyperparameters
+
+    (tmp_path / "train.jsonl").write_text(chat_lines(10, 16), encoding="utf-8")
+    (tmp_path / "valid.jsonl").write_text(chat_lines(40, 4), encoding="utf-8")
+    hyper = tiny_hyperparameters()
+    hyper["evaluation"]["eval_base_refuse_prompt"] = False
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRAIT_")}
+    env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", GRAIT_BROKER_POLLING_INTERVAL="0.1")
+    api, base = start_api(
+        env,
+        logs_dir,
+        name="openai-embedded",
+        cmd=[PYTHON, "-m", "app", "serve", "--port", "{port}"],
+        cwd=tmp_path,
+        timeout=60,
+    )
+    try:
+        oai = openai.OpenAI(base_url=f"{base}/v1", api_key="test-key")
+        train, valid = (
+            oai.files.create(file=(tmp_path / name).open("rb"), purpose="fine-tune").id
+            for name in ("train.jsonl", "valid.jsonl")
+        )
+        job = oai.fine_tuning.jobs.create(
+            model=str(tiny_model),
+            training_file=train,
+            validation_file=valid,
+            method={"type": "supervised", "supervised": {"hyperparameters": hyper}},  # type: ignore[arg-type]
+        )
+        second = oai.fine_tuning.jobs.create(model=str(tiny_model), training_file=train)
+        # One worker slot: the second job is still queued, so its cancel is immediate.
+        assert oai.fine_tuning.jobs.cancel(second.id).status == "cancelled"
+
+        done = wait_for(
+            lambda: (j := oai.fine_tuning.jobs.retrieve(job.id)).status in TERMINAL and j,
+            timeout=180,
+            interval=1.0,
+            what=f"job {job.id} to finish",
+        )
+
+        assert done.status == "succeeded", done.error
+        assert done.method.type == "supervised" and done.fine_tuned_model.endswith(f"::{job.id}")
+        assert done.trained_tokens and done.trained_tokens > 0
+        stages = [c.stage for c in oai.fine_tuning.jobs.checkpoints.list(job.id)]
+        assert stages == ["evaluation", "training"]
+        assert [j.id for j in oai.fine_tuning.jobs.list(limit=1)][:2] == [second.id, job.id]
+        kinds = {oai.files.retrieve(i).kind: i for i in done.result_files}
+        assert oai.files.content(kinds["adapter"]).content[:2] == b"\x1f\x8b"  # gzip
+        assert oai.files.content(kinds["report_md"]).text.strip()
+        with pytest.raises(openai.NotFoundError):
+            oai.fine_tuning.jobs.retrieve("job-unknown")
+        oai.close()
+    finally:
+        api.stop()
