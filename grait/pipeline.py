@@ -14,7 +14,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from grait.config import JobConfig
 from grait.data import QARecord, load_records, read_jsonl, take, write_jsonl
 from grait.evaluation import EvalRun, answer_and_score, model_entry
-from grait.events import STAGES, CancelCheck, Cancelled, PipelineEvent, ProgressCallback, never_cancel, no_progress
+from grait.events import (
+    STAGES,
+    CancelCheck,
+    Cancelled,
+    PipelineEvent,
+    ProgressCallback,
+    never_cancel,
+    no_progress,
+)
 from grait.features import (
     AdamState,
     FeatureStore,
@@ -33,7 +41,13 @@ from grait.features import (
     compute_features,
     make_projection,
 )
-from grait.knowledge import KnowledgeResult, choose_scorer, query_mcqa, query_oeqa, split_known_unknown
+from grait.knowledge import (
+    KnowledgeResult,
+    choose_scorer,
+    query_mcqa,
+    query_oeqa,
+    split_known_unknown,
+)
 from grait.models import count_parameters, load_base_model, pick_runtime
 from grait.prompts import encode_training_pair
 from grait.report import write_report
@@ -239,7 +253,7 @@ def _stage_features(run: _Run, out: Path) -> dict[str, Any]:
                 device=run.runtime.device,
             )
             pre = Preconditioner(cfg.features.preconditioner, state, run.runtime.device, cfg.features.adam_eps)
-            common = dict(pad_id=tok.pad_token_id, batch_size=cfg.features.batch_size, projection=projection)
+            common = {"pad_id": tok.pad_token_id, "batch_size": cfg.features.batch_size, "projection": projection}
             stats_idk = compute_features(
                 peft_model,
                 capture,

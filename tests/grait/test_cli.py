@@ -12,7 +12,7 @@ from grait.testing import tiny_hyperparameters
 
 def grait(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "grait.cli", *args], capture_output=True, text=True, timeout=600, cwd=cwd
+        [sys.executable, "-m", "grait.cli", *args], capture_output=True, text=True, timeout=600, cwd=cwd, check=False
     )
 
 
@@ -50,7 +50,7 @@ def test_run_from_a_yaml_spec_prints_adapter_and_report(tiny_model_dir, shared_d
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
     out = grait("run", "job.yaml", "--run-dir", "out", "--set", "knowledge.tau=0.3", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert f"adapter: out/training/adapter" in out.stdout
+    assert "adapter: out/training/adapter" in out.stdout
     assert "report md: out/evaluation/report.md" in out.stdout
     assert "arc: P_c=" in out.stdout
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())

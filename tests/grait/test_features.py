@@ -17,7 +17,7 @@ from grait.features import (
     per_sample_lora_gradients,
 )
 from grait.models import load_tokenizer
-from grait.prompts import encode_training_pair, per_sample_answer_loss, collate
+from grait.prompts import collate, encode_training_pair, per_sample_answer_loss
 
 
 @pytest.fixture()

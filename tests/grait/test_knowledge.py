@@ -15,7 +15,14 @@ from grait.knowledge import (
     split_known_unknown,
 )
 from grait.models import load_tokenizer
-from grait.prompts import cloze_message, collate, encode, end_of_answer, per_sample_answer_loss, render_prompt
+from grait.prompts import (
+    cloze_message,
+    collate,
+    encode,
+    end_of_answer,
+    per_sample_answer_loss,
+    render_prompt,
+)
 
 
 @pytest.fixture(scope="module")
