@@ -134,6 +134,7 @@ def attached_lora(
     The worker keeps one base model for many jobs; leaving layers injected would leak one
     job's adapter into the next.
     """
+    use_cache = base.config.use_cache  # Trainer turns the KV cache off; generation needs it back
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
     else:
@@ -145,6 +146,7 @@ def attached_lora(
         model.unload()
         if hasattr(base, "peft_config"):
             del base.peft_config
+        base.config.use_cache = use_cache
         base.eval()
         for p in base.parameters():
             p.requires_grad_(False)

@@ -135,3 +135,23 @@ def test_compute_features_writes_unit_float16_rows(lora_model, items, tmp_path):
     expected = l2_normalise(proj(single[None]))[0].numpy()
     assert np.allclose(back[1].astype(np.float32), expected, atol=2e-3)
     capture.close()
+
+
+def test_attached_lora_leaves_the_shared_base_model_as_it_was(tiny_model_dir, tmp_path):
+    from pathlib import Path
+
+    from grait.config import LoraConfigSpec
+    from grait.models import load_base_model, pick_runtime
+    from grait.prompts import encode
+    from grait.training import TrainSettings, WeightedExample, attached_lora, train_weighted
+
+    base, tok = load_base_model(str(tiny_model_dir), pick_runtime("cpu"), reuse=False)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    examples = [WeightedExample(encode(tok, "Q: hi", "I don't know.", max_length=64), 1.0)] * 4
+    with attached_lora(base, spec=LoraConfigSpec(r=2)) as model:
+        train_weighted(model, tok, examples, TrainSettings(epochs=1, learning_rate=1e-2, batch_size=2), work_dir=Path(tmp_path))
+    after = base.state_dict()
+    assert after.keys() == before.keys()  # no lora_A / lora_B modules left behind
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert base.config.use_cache and not base.training
+    assert not any(p.requires_grad for p in base.parameters())
