@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from grait.data import QARecord
 from grait.generation import generate
 from grait.prompts import question_message, render_prompt
-from grait.scoring import Outcome, Rates, score_response, ths
+from grait.scoring import Outcome, Rates, bootstrap_ci, score_response, ths
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,24 @@ def answer_and_score(
     return EvalRun(responses, [score_response(r, text) for r, text in zip(records, responses)])
 
 
-def model_entry(name: str, run: EvalRun, base: Rates) -> dict[str, object]:
-    """A report row: rates and THS against the base model's rates."""
+def model_entry(name: str, run: EvalRun, base: EvalRun, *, n_boot: int = 1000, seed: int = 0) -> dict[str, object]:
+    """A report row: rates, THS against the base model, and bootstrap 95% intervals.
+
+    The intervals resample questions, pairing each with the base model's answer to the same
+    question, so THS's interval carries the base rates' own noise too.
+    """
     r = run.rates
-    return {"name": name, "n": r.n, "correct": r.correct, "wrong": r.wrong, "refused": r.refused, "ths": ths(r, base)}
+    ci: dict[str, object] = {
+        key: bootstrap_ci(run.outcomes, lambda rates, k=key: getattr(rates, k), n_boot=n_boot, seed=seed)
+        for key in ("correct", "wrong", "refused")
+    }
+    ci["ths"] = bootstrap_ci(run.outcomes, ths, base=base.outcomes, n_boot=n_boot, seed=seed)
+    return {
+        "name": name,
+        "n": r.n,
+        "correct": r.correct,
+        "wrong": r.wrong,
+        "refused": r.refused,
+        "ths": ths(r, base.rates),
+        "ci": {k: None if v is None else [float(v[0]), float(v[1])] for k, v in ci.items()},
+    }

@@ -460,8 +460,8 @@ def _stage_evaluation(run: _Run, out: Path, timings: dict[str, float]) -> dict[s
 
     evals = []
     for name, recs in run.evals:
-        base_rates = runs[name]["base"].rates
-        entries = [model_entry(label, r, base_rates) for label, r in runs[name].items()]
+        base_run = runs[name]["base"]
+        entries = [model_entry(label, r, base_run, seed=cfg.seed) for label, r in runs[name].items()]
         evals.append({"name": name, "kind": recs[0].kind, "models": entries})
         write_jsonl(
             out / f"responses_{_safe(name)}.jsonl",

@@ -122,6 +122,10 @@ def _md_escape(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _has_intervals(report: dict[str, Any]) -> bool:
+    return any(m.get("ci") for ev in report["evals"] for m in ev["models"])
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """A readable summary: one table per eval set, then stage timings and notes."""
     lines = [
@@ -132,7 +136,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         (
             "P_c, P_w, P_r: fractions correct, wrong, refused. THS = P_c − P_w·P_c0/P_w0 against "
-            "the first row (the base model); n/a where P_w0 = 0. Brackets: bootstrap 95% intervals."
+            "the first row (the base model); n/a where P_w0 = 0."
+            + (" Brackets: bootstrap 95% intervals over questions." if _has_intervals(report) else "")
         ),
     ]
     for ev in report["evals"]:

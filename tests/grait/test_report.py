@@ -147,3 +147,16 @@ def test_rewriting_a_report_leaves_no_temporary_files(tmp_path):
     write_report(tmp_path, _report())
     write_report(tmp_path, _report())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pw_pc.png", "report.json", "report.md"]
+
+
+def test_model_entry_carries_paired_bootstrap_intervals():
+    from grait.evaluation import EvalRun, model_entry
+
+    base = EvalRun(["x"] * 40, ["correct"] * 10 + ["wrong"] * 30)
+    tuned = EvalRun(["x"] * 40, ["correct"] * 10 + ["refused"] * 25 + ["wrong"] * 5)
+    entry = model_entry("tuned", tuned, base)
+    assert entry["ths"] == pytest.approx(0.25 - 0.125 * (0.25 / 0.75))
+    for key in ("correct", "wrong", "refused", "ths"):
+        low, high = entry["ci"][key]
+        assert low <= entry[key] <= high and high > low
+    assert model_entry("base", base, base)["ci"]["ths"] == pytest.approx([0.0, 0.0])  # paired: base vs itself is 0
