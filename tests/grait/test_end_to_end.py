@@ -12,6 +12,7 @@ from grait.pipeline import run_pipeline
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # ~1 min alone; generous for a loaded 2-core machine
 def test_grait_on_forty_arc_easy_questions(shared_data, tmp_path):
     cfg = JobConfig.model_validate(
         {
