@@ -20,7 +20,10 @@ class ServiceError(SystemExit):
 
 
 def _client(args: argparse.Namespace) -> httpx.Client:
-    return httpx.Client(base_url=args.url.rstrip("/"), timeout=httpx.Timeout(60, connect=5))
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    return httpx.Client(
+        base_url=args.url.rstrip("/"), headers=headers, timeout=httpx.Timeout(60, connect=5)
+    )
 
 
 def _check(response: httpx.Response) -> Any:
@@ -194,10 +197,15 @@ def cmd_jobs_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_client_commands(sub: Any, default_url: str) -> None:
+def add_client_commands(sub: Any, default_url: str, default_api_key: str | None = None) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--url", default=default_url, help=f"service URL (GRAIT_URL; default {default_url})"
+    )
+    common.add_argument(
+        "--api-key",
+        default=default_api_key,
+        help="API key sent as Bearer (default: GRAIT_API_KEY)",
     )
 
     datasets = sub.add_parser("datasets", help="upload and manage QA datasets").add_subparsers(

@@ -6,6 +6,7 @@ client can point at the exact input to fix.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -13,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
 
 
 class ErrorDetail(BaseModel):
@@ -28,23 +31,53 @@ class ErrorResponse(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in (
-        (404, "Unknown id or route."),
-        (409, "Conflicts with the resource's state (e.g. dataset in use)."),
-        (413, "Upload too large."),
+        (400, "Malformed request (e.g. a bad Idempotency-Key or multipart form)."),
+        (401, "Missing, unknown or revoked API key."),
+        (404, "Unknown id or route (another tenant's id is unknown too)."),
+        (409, "Conflicts with the resource's state (dataset in use, Idempotency-Key reused)."),
+        (413, "Request or upload too large."),
+        (415, "Not multipart/form-data where a file is expected."),
         (422, "Invalid request; `param` names the field, e.g. `hyperparameters.training.epochs`."),
+        (429, "Rate limit or queued-jobs limit reached; see `Retry-After`."),
+        (503, "The database is unreachable; retry after `Retry-After` seconds."),
     )
 }
+
+# Connection-level database failures: the request was fine, the database was not there.
+DATABASE_DOWN_RETRY_AFTER = 5
+
+
+def is_database_outage(exc: BaseException) -> bool:
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, TimeoutError
+
+    if isinstance(exc, (OperationalError, InterfaceError, TimeoutError)):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def database_outage_message(exc: BaseException) -> str:
+    detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    reason = detail[0][:200] if detail else type(exc).__name__
+    return f"The database is unavailable ({reason}); retry shortly."
 
 
 class APIError(Exception):
     def __init__(
-        self, status: int, code: str, message: str, *, param: str | None = None, **extra: Any
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
     ):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.param = param
+        self.headers = headers
         self.extra = extra
 
 
@@ -99,6 +132,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             status_code=exc.status,
             content=error_body(exc.code, exc.message, exc.param, **exc.extra),
+            headers=exc.headers,
         )
 
     @app.exception_handler(RequestValidationError)
@@ -111,7 +145,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+        codes = {
+            400: "invalid_request",
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "payload_too_large",
+        }
         code = codes.get(exc.status_code, "http_error")
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404 and message == "Not Found":
@@ -122,8 +161,31 @@ def install_error_handlers(app: FastAPI) -> None:
             headers=getattr(exc, "headers", None),
         )
 
+    async def _database_error(_request: Request, exc: Exception) -> JSONResponse:
+        if is_database_outage(exc):
+            return JSONResponse(
+                status_code=503,
+                content=error_body("database_unavailable", database_outage_message(exc)),
+                headers={"Retry-After": str(DATABASE_DOWN_RETRY_AFTER)},
+            )
+        log.error("database error", exc_info=exc)
+        return JSONResponse(
+            status_code=500, content=error_body("internal_error", f"{type(exc).__name__}: {exc}")
+        )
+
+    # Registered by class so they are answered inside the app, like APIError, not by the
+    # outermost server-error layer (which also re-raises and may drop the connection).
+    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(PoolTimeout, _database_error)
+
     @app.exception_handler(Exception)
     async def _unhandled(_request: Request, exc: Exception) -> JSONResponse:
+        if is_database_outage(exc):
+            return await _database_error(_request, exc)
+        log.exception("unhandled error")
         return JSONResponse(
             status_code=500, content=error_body("internal_error", f"{type(exc).__name__}: {exc}")
         )

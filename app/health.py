@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import text
 
 from app.db import session_factory
-from app.errors import error_body
+from app.errors import ErrorResponse, error_body
 from app.jobs.service import count_by_status
 from app.models import JOB_STATUSES
 from app.settings import Settings, get_settings
@@ -154,7 +155,24 @@ def install_metrics(app: FastAPI, settings: Settings) -> None:
         )
         return response
 
-    @app.get("/metrics", tags=["health"], response_class=Response)
-    async def metrics() -> Response:
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        response_class=Response,
+        responses={401: {"model": ErrorResponse, "description": "GRAIT_METRICS_TOKEN is set."}},
+    )
+    async def metrics(request: Request) -> Response:
+        """Prometheus text; behind `Authorization: Bearer <GRAIT_METRICS_TOKEN>` when that is set."""
+        token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
+        if token:
+            presented = request.headers.get("authorization", "")
+            if not hmac.compare_digest(presented.encode(), f"Bearer {token}".encode()):
+                return JSONResponse(
+                    status_code=401,
+                    content=error_body(
+                        "invalid_metrics_token", "Send the metrics token as Bearer."
+                    ),
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
         body = await run_in_threadpool(generate_latest, registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -1,4 +1,5 @@
-"""The FastAPI application: routers by domain, one error shape, metrics, embedded worker."""
+"""The FastAPI application: routers by domain, one error shape, metrics, body limits,
+the webhook dispatcher and (embedded mode) the worker."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from app.datasets.router import router as datasets_router
 from app.embedded import EmbeddedWorker
 from app.errors import install_error_handlers
 from app.jobs.router import router as jobs_router
+from app.limits import BodyLimit
 from app.models_api.router import router as models_router
 from app.openai_compat.router import router as openai_router
 from app.settings import get_settings
+from app.webhooks.router import router as webhooks_router
+from app.webhooks.service import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +34,12 @@ def create_app() -> FastAPI:
         app.state.embedded_worker = worker
         if worker:
             worker.start()
+        dispatcher = Dispatcher(settings)
+        dispatcher.start()
         try:
             yield
         finally:
+            dispatcher.stop()
             if worker:
                 worker.stop()
 
@@ -44,10 +51,12 @@ def create_app() -> FastAPI:
     )
     install_error_handlers(app)
     health.install_metrics(app, settings)
+    app.add_middleware(BodyLimit, settings=settings)
     app.include_router(health.router)
     app.include_router(datasets_router)
     app.include_router(jobs_router)
     app.include_router(models_router)
+    app.include_router(webhooks_router)
     # The OpenAI-compatible face (/v1/files, /v1/fine_tuning/jobs) over the same services.
     app.include_router(openai_router)
     return app

@@ -1,4 +1,5 @@
-"""ORM models: datasets, jobs, their dataset links, events and artifacts.
+"""ORM models: tenants and their API keys, datasets, jobs, their dataset links, events,
+artifacts, idempotency records and webhook deliveries.
 
 Public ids are prefixed and time-ordered (`ds-…`, `job-…`), so ordering by id is creation
 order and an id doubles as a pagination cursor.
@@ -22,6 +23,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -61,10 +63,53 @@ class Base(DeclarativeBase):
     type_annotation_map: ClassVar = {dict[str, Any]: JSON, datetime: UTCDateTime}
 
 
+class Tenant(Base):
+    """A team: every dataset and job belongs to one; its keys see nothing of other tenants."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    # Signs this tenant's webhooks (Standard Webhooks `whsec_<base64>`); a signing key, so
+    # it is kept in clear, unlike API keys.
+    webhook_secret: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    """Only the sha256 of a key is stored; `prefix` (its first characters) identifies it."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str | None] = mapped_column(String(100))
+    prefix: Mapped[str] = mapped_column(String(20))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+
+class IdempotencyRecord(Base):
+    """`Idempotency-Key` of a create request: the object it made and a digest of the request."""
+
+    __tablename__ = "idempotency_records"
+
+    tenant_id: Mapped[str] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    scope: Mapped[str] = mapped_column(String(60), primary_key=True)  # e.g. "POST /v1/jobs"
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    resource_id: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Dataset(Base):
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     filename: Mapped[str] = mapped_column(String(255))
     name: Mapped[str] = mapped_column(String(255))
     format: Mapped[str] = mapped_column(String(20))
@@ -83,6 +128,7 @@ class Job(Base):
     __table_args__ = (Index("ix_jobs_status_heartbeat", "status", "heartbeat_at"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     status: Mapped[str] = mapped_column(String(20), index=True)
     method: Mapped[str] = mapped_column(String(40))
     base_model: Mapped[str] = mapped_column(String(512))
@@ -90,6 +136,7 @@ class Job(Base):
     suffix: Mapped[str | None] = mapped_column(String(64))
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)  # every group, defaults filled
     user_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    webhook_url: Mapped[str | None] = mapped_column(String(2048))
 
     stage: Mapped[str | None] = mapped_column(String(40))
     percent: Mapped[float] = mapped_column(Float, default=0.0)
@@ -151,3 +198,49 @@ class Artifact(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     storage_key: Mapped[str] = mapped_column(String(512))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One message (a job reaching a terminal state) to one URL; retried until it lands.
+
+    Written in the same transaction as the transition (an outbox), so no terminal state goes
+    unannounced; `id` is the Standard Webhooks `webhook-id`, the same on every try.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("job_id", "event_type", name="uq_webhook_deliveries_job_event"),
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    event_type: Mapped[str] = mapped_column(
+        String(40)
+    )  # job.succeeded | job.failed | job.cancelled
+    url: Mapped[str] = mapped_column(String(2048))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(20))  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+    tries: Mapped[list[WebhookAttempt]] = relationship(
+        back_populates="delivery", order_by="WebhookAttempt.attempt", cascade="all, delete-orphan"
+    )
+
+
+class WebhookAttempt(Base):
+    __tablename__ = "webhook_attempts"
+
+    delivery_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), primary_key=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    duration_ms: Mapped[float] = mapped_column(Float)
+    response_status: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    delivery: Mapped[WebhookDelivery] = relationship(back_populates="tries")

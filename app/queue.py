@@ -73,3 +73,27 @@ def publish_job(job_id: str, settings: Settings | None = None) -> bool:
     except Exception:  # the sweeper republishes queued jobs that were never sent
         log.exception("could not publish job %s", job_id)
         return False
+
+
+BROKER_MARKER = "grait:broker-epoch"
+
+
+def broker_lost_messages(settings: Settings) -> bool:
+    """True once after the broker came back without its data (Redis restarted empty).
+
+    A marker key lives next to the queue: if it is gone, so are the messages that were queued
+    with it. Setting it again (SET NX) makes the answer True exactly once per loss — and once on
+    the very first check against a fresh Redis, which only costs duplicate (no-op) messages.
+    The embedded queue is a folder on disk and never answers True.
+    """
+    if not settings.redis_broker:
+        return False
+    import redis
+
+    client = redis.Redis.from_url(settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        return bool(client.set(settings.broker_key_prefix + BROKER_MARKER, "1", nx=True))
+    except redis.RedisError:
+        return False  # unreachable: nothing can be republished now anyway
+    finally:
+        client.close()

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_BROKER = "filesystem://"
@@ -55,6 +55,41 @@ class Settings(BaseSettings):
         description="Start a worker subprocess with the API; auto = when the broker is embedded.",
     )
 
+    # Security
+    bootstrap_api_key: SecretStr | None = Field(
+        None,
+        description="`serve` with no API key in the database registers this one (tenant `default`); "
+        "unset: it generates one and prints it once.",
+    )
+    api_key: SecretStr | None = Field(
+        None, description="What the client commands send as `Authorization: Bearer`."
+    )
+    metrics_token: SecretStr | None = Field(
+        None, description="If set, GET /metrics needs `Authorization: Bearer <token>`."
+    )
+    webhook_allow_private: bool = Field(
+        False,
+        description="Allow webhook URLs resolving to loopback/private/link-local addresses.",
+    )
+    webhook_max_attempts: int = Field(6, ge=1, description="Tries per webhook delivery.")
+    webhook_retry_base_seconds: float = Field(
+        5.0, gt=0, description="Delay before the 2nd try; each later delay is 4x the previous."
+    )
+    webhook_timeout_seconds: float = Field(10.0, gt=0)
+    webhook_poll_seconds: float = Field(1.0, gt=0, description="How often due deliveries are sent.")
+    idempotency_ttl_seconds: int = Field(24 * 3600, ge=1)
+
+    # Limits
+    max_request_bytes: int = Field(
+        1024 * 1024, ge=1, description="Body limit of every non-upload request."
+    )
+    max_dataset_rows: int = Field(200_000, ge=1)
+    max_queued_jobs_per_tenant: int = Field(100, ge=1)
+    rate_limit_per_second: float = Field(
+        20.0, ge=0, description="Token refill per API key; 0 disables rate limiting."
+    )
+    rate_limit_burst: int = Field(200, ge=1, description="Token bucket capacity per API key.")
+
     # Workers and crash recovery
     heartbeat_seconds: float = Field(
         10.0, gt=0, description="How often a running job proves it is alive."
@@ -72,6 +107,12 @@ class Settings(BaseSettings):
     cancel_check_seconds: float = Field(
         1.0, ge=0, description="Minimum gap between cancel-flag reads."
     )
+    worker_memory_limit_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="Cap the worker's address space (RLIMIT_AS): an over-large job fails with "
+        "out_of_memory instead of taking the machine down.",
+    )
 
     @property
     def embedded_broker(self) -> bool:
@@ -82,6 +123,10 @@ class Settings(BaseSettings):
         if self.embedded_worker == "auto":
             return self.embedded_broker
         return self.embedded_worker == "true"
+
+    @property
+    def redis_broker(self) -> bool:
+        return self.broker_url.startswith(("redis://", "rediss://"))
 
     @property
     def is_sqlite(self) -> bool:

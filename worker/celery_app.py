@@ -22,6 +22,13 @@ register_tasks(celery_app)
 @worker_init.connect
 def _prepare_folders(**_kwargs) -> None:
     settings.ensure_dirs()  # the embedded queue folder must exist before the consumer starts
+    if settings.worker_memory_limit_bytes:
+        # A job that needs more than this fails with MemoryError (-> out_of_memory) inside
+        # the job, instead of the kernel's OOM killer taking the worker (or the machine).
+        import resource
+
+        limit = settings.worker_memory_limit_bytes
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 @worker_ready.connect

@@ -21,6 +21,7 @@ from app.jobs.service import build_job_config
 from app.models import Artifact, Dataset, Job, JobEvent, new_id, utcnow
 from app.settings import Settings
 from app.storage import Storage, get_storage
+from app.webhooks.service import enqueue_terminal
 from grait.config import JobConfig
 from grait.data import DataError
 from grait.events import Cancelled
@@ -102,10 +103,15 @@ def classify_failure(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, DataError):
         return "invalid_dataset", str(exc)
     name = type(exc).__name__
+    text = str(exc).lower()
     if (
         isinstance(exc, MemoryError)
         or name == "OutOfMemoryError"
-        or "out of memory" in str(exc).lower()
+        or "out of memory" in text
+        # torch's CPU allocator: "DefaultCPUAllocator: can't allocate memory: you tried to ..."
+        or "can't allocate memory" in text
+        or "not enough memory" in text
+        or "cannot allocate memory" in text
     ):
         return (
             "out_of_memory",
@@ -143,6 +149,7 @@ def finish(
         if artifacts is not None:
             session.execute(delete(Artifact).where(Artifact.job_id == fence.job_id))
             session.add_all(artifacts)
+        enqueue_terminal(session, job_id=fence.job_id, status=status, error=error)
         session.add(
             JobEvent(
                 job_id=fence.job_id,

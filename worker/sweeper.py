@@ -16,8 +16,9 @@ from sqlalchemy import or_, select, update
 
 from app.db import short_session
 from app.models import Job, JobEvent, utcnow
-from app.queue import publish_job
+from app.queue import broker_lost_messages, publish_job
 from app.settings import Settings
+from app.webhooks.service import enqueue_terminal
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,13 @@ def sweep(
                 .values(status=status, eta_seconds=None, **values)
             ).rowcount
             if changed:
+                if status != "queued":
+                    enqueue_terminal(
+                        session,
+                        job_id=job_id,
+                        status=status,
+                        error=(values["error_code"], values["error_message"]),
+                    )
                 session.add(
                     JobEvent(
                         job_id=job_id,
@@ -107,17 +115,28 @@ def sweep(
             outcome[key].append(job_id)
             log.warning("job %s: %s", job_id, message)
 
-    # Queued jobs whose message never went out (broker down at submit, or just re-queued above).
+    # Queued jobs whose message never went out (broker down at submit, or just re-queued
+    # above) and, when the broker lost its data (a Redis restart without persistence), every
+    # queued job: their messages are gone. A duplicate message is harmless (claims are
+    # conditional), a lost one would leave the job queued forever.
+    lost_messages = broker_lost_messages(settings)
     with short_session(settings) as session:
+        never_sent = Job.enqueued_at.is_(None) & or_(
+            Job.created_at < now - UNPUBLISHED_GRACE, Job.id.in_(outcome["requeued"])
+        )
         unpublished = list(
             session.scalars(
                 select(Job.id).where(
                     Job.status == "queued",
-                    Job.enqueued_at.is_(None),
-                    or_(Job.created_at < now - UNPUBLISHED_GRACE, Job.id.in_(outcome["requeued"])),
+                    or_(never_sent, Job.enqueued_at.is_not(None)) if lost_messages else never_sent,
                 )
             )
         )
+        if lost_messages and unpublished:
+            log.warning(
+                "the broker lost its queue (restarted empty); republishing %d queued job(s)",
+                len(unpublished),
+            )
     for job_id in unpublished:
         if publish_job(job_id, settings):
             with short_session(settings) as session:

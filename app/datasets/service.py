@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.errors import APIError, not_found
+from app.idempotency import Idempotency
 from app.models import ACTIVE_STATUSES, Dataset, Job, JobDataset, new_id
 from app.storage import Storage
 from grait.data import FORMATS, DataError, detect_format, load_records
@@ -23,7 +24,9 @@ def safe_filename(name: str | None) -> str:
     return cleaned[:200]
 
 
-def inspect_file(path: Path, *, format: str, display_name: str) -> tuple[str, int, int]:
+def inspect_file(
+    path: Path, *, format: str, display_name: str, max_rows: int | None = None
+) -> tuple[str, int, int]:
     """(format, mcqa rows, oeqa rows), or a 422 naming the line and field at fault."""
     if format not in UPLOAD_FORMATS:
         raise APIError(
@@ -56,6 +59,16 @@ def inspect_file(path: Path, *, format: str, display_name: str) -> tuple[str, in
         raise APIError(
             422, "invalid_dataset", f"{display_name}: unreadable CSV ({exc})", param="file"
         ) from None
+    if max_rows is not None and len(records) > max_rows:
+        raise APIError(
+            422,
+            "too_many_rows",
+            f"{display_name}: {len(records)} records; the limit is {max_rows} per dataset "
+            "(GRAIT_MAX_DATASET_ROWS). Split the file or use `limit` on the job.",
+            param="file",
+            rows=len(records),
+            max_rows=max_rows,
+        )
     mcqa = sum(1 for r in records if r.kind == "mcqa")
     return fmt, mcqa, len(records) - mcqa
 
@@ -64,23 +77,33 @@ def store_dataset(
     *,
     session: Session,
     storage: Storage,
+    tenant_id: str,
     staged: Path,
     filename: str,
     name: str | None,
     format: str,
     size: int,
     sha256: str,
+    max_rows: int | None = None,
+    idempotency: Idempotency | None = None,
 ) -> Dataset:
-    """Validate the staged file, move it into storage and commit its row; on any failure remove it."""
+    """Validate the staged file, move it into storage and commit its row; on any failure remove it.
+
+    The client's file name is only ever a label: the stored name is `safe_filename` of it,
+    under a directory named by the new id, so `../x` or `C:\\x` cannot point anywhere else.
+    """
     display = safe_filename(filename)
     stored_key: str | None = None
     try:
-        fmt, mcqa, oeqa = inspect_file(staged, format=format, display_name=display)
+        fmt, mcqa, oeqa = inspect_file(
+            staged, format=format, display_name=display, max_rows=max_rows
+        )
         dataset_id = new_id("ds")
         stored_key = f"datasets/{dataset_id}/{display}"
         storage.put_file(stored_key, staged, move=True)
         row = Dataset(
             id=dataset_id,
+            tenant_id=tenant_id,
             filename=display,
             name=(name or "").strip() or Path(display).stem,
             format=fmt,
@@ -93,6 +116,8 @@ def store_dataset(
             storage_key=stored_key,
         )
         session.add(row)
+        if idempotency is not None:
+            session.add(idempotency.record(dataset_id))
         session.commit()
         return row
     except BaseException:
@@ -103,28 +128,36 @@ def store_dataset(
         raise
 
 
-def get_dataset(*, session: Session, dataset_id: str) -> Dataset:
+def get_dataset(*, session: Session, tenant_id: str, dataset_id: str) -> Dataset:
+    """The tenant's dataset; another tenant's id is as unknown as a made-up one."""
     row = session.get(Dataset, dataset_id)
-    if row is None:
+    if row is None or row.tenant_id != tenant_id:
         raise not_found("dataset", dataset_id)
     return row
 
 
 def list_datasets(
-    *, session: Session, after: str | None, limit: int, order: str = "desc"
+    *, session: Session, tenant_id: str, after: str | None, limit: int, order: str = "desc"
 ) -> list[Dataset]:
     """Newest first (or oldest first with `order="asc"`); `after` is the previous page's last id."""
     newest_first = order == "desc"
     query = (
-        select(Dataset).order_by(Dataset.id.desc() if newest_first else Dataset.id).limit(limit + 1)
+        select(Dataset)
+        .where(Dataset.tenant_id == tenant_id)
+        .order_by(Dataset.id.desc() if newest_first else Dataset.id)
+        .limit(limit + 1)
     )
     if after:
         query = query.where(Dataset.id < after if newest_first else Dataset.id > after)
     return list(session.scalars(query))
 
 
-def delete_dataset(*, session: Session, storage: Storage, dataset_id: str) -> None:
-    row = session.scalar(select(Dataset).where(Dataset.id == dataset_id).with_for_update())
+def delete_dataset(*, session: Session, storage: Storage, tenant_id: str, dataset_id: str) -> None:
+    row = session.scalar(
+        select(Dataset)
+        .where(Dataset.id == dataset_id, Dataset.tenant_id == tenant_id)
+        .with_for_update()
+    )
     if row is None:
         raise not_found("dataset", dataset_id)
     users = list(

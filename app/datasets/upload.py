@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from app.datasets import service
 from app.errors import APIError
+from app.idempotency import Idempotency, run_idempotent
 from app.models import Dataset
 from app.settings import Settings
 from app.storage import Storage
@@ -175,12 +176,17 @@ async def accept_dataset_upload(
     session: Session,
     settings: Settings,
     storage: Storage,
+    tenant_id: str,
+    idempotency_key: str | None = None,
     check_fields: Callable[[dict[str, str]], None] | None = None,
-) -> Dataset:
+) -> tuple[Dataset, bool]:
     """The one way a dataset file enters the service (`/v1/datasets` and `/v1/files`).
 
     Size-limited streaming, then `check_fields` on the small form fields (a face's own fields,
     e.g. `purpose`), then grait's validation; the staged file is removed on any failure.
+    Returns (dataset, replayed): with an `Idempotency-Key` seen before for the same file and
+    fields, the earlier dataset (a multipart body differs on every try by its boundary, so the
+    request is identified by the file's sha256, its name and the form fields).
     """
     declared = request.headers.get("content-length")
     if (
@@ -197,25 +203,52 @@ async def accept_dataset_upload(
     staging = storage.staging_path()
     upload = await receive_upload(request, staging, max_bytes=settings.max_upload_bytes)
     assert upload.path is not None
-    if check_fields is not None:
-        try:
+    try:
+        if check_fields is not None:
             check_fields(upload.fields)
-        except BaseException:
-            upload.path.unlink(missing_ok=True)
-            raise
+        idempotency = Idempotency.of(
+            idempotency_key,
+            tenant_id=tenant_id,
+            scope=f"POST {request.url.path}",
+            payload={"sha256": upload.sha256, "filename": upload.filename, **upload.fields},
+        )
+        if idempotency is not None:
+            earlier = await run_in_threadpool(
+                idempotency.existing, session=session, settings=settings
+            )
+            if earlier is not None:
+                upload.path.unlink(missing_ok=True)
+                return service.get_dataset(
+                    session=session, tenant_id=tenant_id, dataset_id=earlier
+                ), True
+    except BaseException:
+        upload.path.unlink(missing_ok=True)
+        raise
     # The readers sniff MMLU by the .csv suffix, so the staged file keeps the client's one.
     suffix = "".join(
         c for c in Path(upload.filename or "").suffix.lower() if c.isalnum() or c == "."
     )
+    suffix = suffix if len(suffix) > 1 else ""
     staged = upload.path.rename(upload.path.with_suffix(suffix)) if suffix else upload.path
+
+    def store() -> Dataset:
+        return service.store_dataset(
+            session=session,
+            storage=storage,
+            tenant_id=tenant_id,
+            staged=staged,
+            filename=upload.filename or "dataset",
+            name=upload.fields.get("name"),
+            format=upload.fields.get("format", "auto").strip() or "auto",
+            size=upload.size,
+            sha256=upload.sha256,
+            max_rows=settings.max_dataset_rows,
+            idempotency=idempotency,
+        )
+
+    def load(dataset_id: str) -> Dataset:
+        return service.get_dataset(session=session, tenant_id=tenant_id, dataset_id=dataset_id)
+
     return await run_in_threadpool(
-        service.store_dataset,
-        session=session,
-        storage=storage,
-        staged=staged,
-        filename=upload.filename or "dataset",
-        name=upload.fields.get("name"),
-        format=upload.fields.get("format", "auto").strip() or "auto",
-        size=upload.size,
-        sha256=upload.sha256,
+        run_idempotent, idempotency, session=session, settings=settings, create=store, load=load
     )

@@ -2,73 +2,113 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 from fastapi.responses import FileResponse
 
-from app.deps import SessionDep, SettingsDep, StorageDep
+from app.deps import REQUIRE_KEY, PrincipalDep, SessionDep, SettingsDep, StorageDep
 from app.errors import ERROR_RESPONSES
+from app.idempotency import REPLAYED_HEADER, Idempotency, IdempotencyKeyHeader
 from app.jobs import service
 from app.jobs.schemas import ArtifactObject, EventObject, JobCreate, JobObject, JobStatus
 from app.pagination import AfterQuery, LimitQuery, ListPage, page_of
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES, dependencies=[REQUIRE_KEY]
+)
 
 
 @router.post("", status_code=201, response_model=JobObject)
 def create_job(
-    body: JobCreate, session: SessionDep, storage: StorageDep, settings: SettingsDep
+    body: JobCreate,
+    response: Response,
+    principal: PrincipalDep,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> JobObject:
     """Validate the spec, store the job, then put it on the queue (only after the commit)."""
-    job = service.submit_job(session=session, storage=storage, settings=settings, request=body)
+    idempotency = Idempotency.of(
+        idempotency_key,
+        tenant_id=principal.tenant_id,
+        scope="POST /v1/jobs",
+        payload=body.model_dump(mode="json"),
+    )
+    job, replayed = service.submit_job(
+        session=session,
+        storage=storage,
+        settings=settings,
+        tenant_id=principal.tenant_id,
+        request=body,
+        idempotency=idempotency,
+    )
+    if replayed:
+        response.headers[REPLAYED_HEADER] = "true"
     return JobObject.of(job)
 
 
 @router.get("", response_model=ListPage[JobObject])
 def list_jobs(
+    principal: PrincipalDep,
     session: SessionDep,
     after: AfterQuery = None,
     limit: LimitQuery = 20,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
 ) -> dict:
-    jobs = service.list_jobs(session=session, after=after, limit=limit, status=status)
+    jobs = service.list_jobs(
+        session=session, tenant_id=principal.tenant_id, after=after, limit=limit, status=status
+    )
     return page_of(jobs, limit=limit, to_schema=JobObject.of)
 
 
 @router.get("/{job_id}", response_model=JobObject)
-def get_job(job_id: str, session: SessionDep) -> JobObject:
-    return JobObject.of(service.get_job(session=session, job_id=job_id))
+def get_job(job_id: str, principal: PrincipalDep, session: SessionDep) -> JobObject:
+    return JobObject.of(
+        service.get_job(session=session, tenant_id=principal.tenant_id, job_id=job_id)
+    )
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject)
-def cancel_job(job_id: str, session: SessionDep) -> JobObject:
+def cancel_job(job_id: str, principal: PrincipalDep, session: SessionDep) -> JobObject:
     """A queued job is cancelled at once; a running one gets `cancel_requested` and stops at
     the next step boundary (watch `status`)."""
-    return JobObject.of(service.cancel_job(session=session, job_id=job_id))
+    return JobObject.of(
+        service.cancel_job(session=session, tenant_id=principal.tenant_id, job_id=job_id)
+    )
 
 
 @router.get("/{job_id}/events", response_model=ListPage[EventObject])
 def list_events(
     job_id: str,
+    principal: PrincipalDep,
     session: SessionDep,
     after: AfterQuery = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict:
     """Oldest first. Poll with `after=<last_id>` to follow a running job."""
-    events = service.list_events(session=session, job_id=job_id, after=after, limit=limit)
+    events = service.list_events(
+        session=session, tenant_id=principal.tenant_id, job_id=job_id, after=after, limit=limit
+    )
     return page_of(events, limit=limit, to_schema=EventObject.of)
 
 
 @router.get("/{job_id}/artifacts", response_model=ListPage[ArtifactObject])
-def list_artifacts(job_id: str, session: SessionDep) -> dict:
-    rows = service.list_artifacts(session=session, job_id=job_id)
+def list_artifacts(job_id: str, principal: PrincipalDep, session: SessionDep) -> dict:
+    rows = service.list_artifacts(session=session, tenant_id=principal.tenant_id, job_id=job_id)
     return page_of(rows, limit=len(rows) or 1, to_schema=ArtifactObject.of)
 
 
 @router.get("/{job_id}/artifacts/{artifact_id}/content", response_class=FileResponse)
 def download_artifact(
-    job_id: str, artifact_id: str, session: SessionDep, storage: StorageDep
+    job_id: str,
+    artifact_id: str,
+    principal: PrincipalDep,
+    session: SessionDep,
+    storage: StorageDep,
 ) -> FileResponse:
-    row = service.get_artifact(session=session, job_id=job_id, artifact_id=artifact_id)
+    row = service.get_artifact(
+        session=session, tenant_id=principal.tenant_id, job_id=job_id, artifact_id=artifact_id
+    )
     return FileResponse(
         storage.local_path(row.storage_key), media_type=row.content_type, filename=row.filename
     )

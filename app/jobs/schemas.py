@@ -78,6 +78,12 @@ class JobCreate(BaseModel):
     seed: int = 0
     suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     metadata: dict[str, str] | None = Field(None, max_length=16)
+    webhook_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="POSTed (signed, Standard Webhooks style) when the job succeeds, fails or "
+        "is cancelled. Must resolve to a public address unless the operator allows others.",
+    )
 
 
 class JobError(BaseModel):
@@ -98,6 +104,7 @@ class JobObject(BaseModel):
     seed: int
     suffix: str | None
     metadata: dict[str, str] | None
+    webhook_url: str | None = None
     stage: str | None = Field(description="Current pipeline stage while running.")
     percent: float = Field(description="0-100, over all stages.")
     eta_seconds: float | None
@@ -123,6 +130,7 @@ class JobObject(BaseModel):
             seed=job.seed,
             suffix=job.suffix,
             metadata=job.user_metadata,
+            webhook_url=job.webhook_url,
             stage=job.stage,
             percent=round(job.percent or 0.0, 2),
             eta_seconds=None if job.eta_seconds is None else round(job.eta_seconds, 1),

@@ -14,11 +14,13 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from app.errors import APIError, loc_to_param, not_found
+from app.idempotency import Idempotency, run_idempotent
 from app.jobs.schemas import EVENT_PREFIX, DatasetRef, JobCreate
-from app.models import Artifact, Dataset, Job, JobDataset, JobEvent, new_id, utcnow
+from app.models import Artifact, Dataset, Job, JobDataset, JobEvent, Tenant, new_id, utcnow
 from app.queue import publish_job
 from app.settings import Settings
 from app.storage import Storage
+from app.webhooks.service import check_webhook_url, enqueue_terminal
 from grait.config import DataFormat, DatasetSpec, JobConfig
 from grait.registry import KNOWN_MODELS
 
@@ -91,7 +93,15 @@ def _event(
     return JobEvent(job_id=job_id, type=type, level=level, stage=stage, message=message, data=data)
 
 
-def create_job(*, session: Session, storage: Storage, request: JobCreate) -> Job:
+def create_job(
+    *,
+    session: Session,
+    storage: Storage,
+    settings: Settings,
+    tenant_id: str,
+    request: JobCreate,
+    idempotency: Idempotency | None = None,
+) -> Job:
     refs: list[tuple[str, DatasetRef]] = [("train_dataset", request.train_dataset)]
     refs += [(f"eval_datasets[{i}]", ref) for i, ref in enumerate(request.eval_datasets)]
     ids = {ref.id for _, ref in refs}
@@ -99,13 +109,17 @@ def create_job(*, session: Session, storage: Storage, request: JobCreate) -> Job
     found = {
         row.id: row
         for row in session.scalars(
-            select(Dataset).where(Dataset.id.in_(ids)).with_for_update(read=True)
+            select(Dataset)
+            .where(Dataset.id.in_(ids), Dataset.tenant_id == tenant_id)
+            .with_for_update(read=True)
         )
     }
     for param, ref in refs:
         if ref.id not in found:
             raise APIError(422, "dataset_not_found", f"No dataset with id {ref.id!r}.", param=param)
     _check_base_model(request.base_model)
+    if request.webhook_url:
+        check_webhook_url(request.webhook_url, settings=settings)
 
     hyper = request.hyperparameters.model_dump(mode="json")
     specs = [
@@ -129,8 +143,11 @@ def create_job(*, session: Session, storage: Storage, request: JobCreate) -> Job
         param = _config_param(first["loc"])
         raise APIError(422, "invalid_request", f"{param}: {first['msg']}", param=param) from None
 
+    _check_queue_room(session=session, settings=settings, tenant_id=tenant_id)
     job = Job(
         id=new_id("job"),
+        tenant_id=tenant_id,
+        webhook_url=request.webhook_url,
         status="validating",
         method=request.method,
         base_model=request.base_model,
@@ -155,8 +172,36 @@ def create_job(*, session: Session, storage: Storage, request: JobCreate) -> Job
     session.flush()
     job.status = "queued"
     session.add(_event(job.id, "status", "Job validated and queued.", data={"status": "queued"}))
+    if idempotency is not None:
+        session.add(idempotency.record(job.id))
     session.commit()
     return job
+
+
+QUEUE_FULL_RETRY_AFTER = 30
+
+
+def _check_queue_room(*, session: Session, settings: Settings, tenant_id: str) -> None:
+    """429 when the tenant already has `max_queued_jobs_per_tenant` jobs waiting.
+
+    The tenant row is locked first, so two concurrent submits cannot both take the last place.
+    """
+    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+    waiting = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.tenant_id == tenant_id, Job.status.in_(("validating", "queued")))
+    )
+    if waiting is not None and waiting >= settings.max_queued_jobs_per_tenant:
+        raise APIError(
+            429,
+            "too_many_queued_jobs",
+            f"{waiting} jobs are already waiting; the limit is "
+            f"{settings.max_queued_jobs_per_tenant} queued jobs per tenant "
+            "(GRAIT_MAX_QUEUED_JOBS_PER_TENANT). Retry when one has started, or cancel one.",
+            headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER)},
+            limit=settings.max_queued_jobs_per_tenant,
+        )
 
 
 def _options(ref: DatasetRef, dataset: Dataset) -> dict[str, Any]:
@@ -186,14 +231,37 @@ def _config_param(loc: tuple[Any, ...]) -> str:
 
 
 def submit_job(
-    *, session: Session, storage: Storage, settings: Settings, request: JobCreate
-) -> Job:
-    """Create the job, then publish it (only after its row is committed): what every face calls."""
-    job = create_job(session=session, storage=storage, request=request)
-    if publish_job(job.id, settings):
-        mark_published(session=session, job_id=job.id)
-    session.expire_all()
-    return get_job(session=session, job_id=job.id)
+    *,
+    session: Session,
+    storage: Storage,
+    settings: Settings,
+    tenant_id: str,
+    request: JobCreate,
+    idempotency: Idempotency | None = None,
+) -> tuple[Job, bool]:
+    """Create the job, then publish it (only after its row is committed): what every face calls.
+
+    Returns (job, replayed): a retry with a known `idempotency` key gets the original job.
+    """
+
+    def create() -> Job:
+        job = create_job(
+            session=session,
+            storage=storage,
+            settings=settings,
+            tenant_id=tenant_id,
+            request=request,
+            idempotency=idempotency,
+        )
+        if publish_job(job.id, settings):
+            mark_published(session=session, job_id=job.id)
+        session.expire_all()
+        return get_job(session=session, tenant_id=tenant_id, job_id=job.id)
+
+    def load(job_id: str) -> Job:
+        return get_job(session=session, tenant_id=tenant_id, job_id=job_id)
+
+    return run_idempotent(idempotency, session=session, settings=settings, create=create, load=load)
 
 
 def mark_published(*, session: Session, job_id: str) -> None:
@@ -201,8 +269,13 @@ def mark_published(*, session: Session, job_id: str) -> None:
     session.commit()
 
 
-def get_job(*, session: Session, job_id: str) -> Job:
-    job = session.scalar(select(Job).where(Job.id == job_id).options(selectinload(Job.datasets)))
+def get_job(*, session: Session, tenant_id: str, job_id: str) -> Job:
+    """The tenant's job; another tenant's id is as unknown as a made-up one."""
+    job = session.scalar(
+        select(Job)
+        .where(Job.id == job_id, Job.tenant_id == tenant_id)
+        .options(selectinload(Job.datasets))
+    )
     if job is None:
         raise not_found("job", job_id)
     return job
@@ -211,13 +284,20 @@ def get_job(*, session: Session, job_id: str) -> Job:
 def list_jobs(
     *,
     session: Session,
+    tenant_id: str,
     after: str | None,
     limit: int,
     status: str | None = None,
     metadata: dict[str, str] | None = None,
 ) -> list[Job]:
     """Newest first; `metadata` keeps jobs whose metadata has every given key = value."""
-    query = select(Job).options(selectinload(Job.datasets)).order_by(Job.id.desc()).limit(limit + 1)
+    query = (
+        select(Job)
+        .where(Job.tenant_id == tenant_id)
+        .options(selectinload(Job.datasets))
+        .order_by(Job.id.desc())
+        .limit(limit + 1)
+    )
     if after:
         query = query.where(Job.id < after)
     if status:
@@ -227,9 +307,9 @@ def list_jobs(
     return list(session.scalars(query))
 
 
-def cancel_job(*, session: Session, job_id: str) -> Job:
+def cancel_job(*, session: Session, tenant_id: str, job_id: str) -> Job:
     """Queued: cancelled now. Running: flag it; the worker stops at the next step boundary."""
-    job = get_job(session=session, job_id=job_id)
+    job = get_job(session=session, tenant_id=tenant_id, job_id=job_id)
     now = utcnow()
     # Conditional update: a worker claiming the job at this instant wins or loses cleanly.
     cancelled_now = session.execute(
@@ -251,6 +331,12 @@ def cancel_job(*, session: Session, job_id: str) -> Job:
                 job_id, "status", "Job cancelled before it started.", data={"status": "cancelled"}
             )
         )
+        enqueue_terminal(
+            session,
+            job_id=job_id,
+            status="cancelled",
+            error=("cancelled", "Cancelled before it started."),
+        )
     else:
         session.refresh(job)
         if job.status == "running":
@@ -270,12 +356,13 @@ def cancel_job(*, session: Session, job_id: str) -> Job:
             )
     session.commit()
     session.expire_all()
-    return get_job(session=session, job_id=job_id)
+    return get_job(session=session, tenant_id=tenant_id, job_id=job_id)
 
 
 def list_events(
     *,
     session: Session,
+    tenant_id: str,
     job_id: str,
     after: str | None,
     limit: int,
@@ -283,7 +370,7 @@ def list_events(
     types: tuple[str, ...] | None = None,
 ) -> list[JobEvent]:
     """Oldest first (`order="desc"`: newest first); `after` is the previous page's last event id."""
-    get_job(session=session, job_id=job_id)
+    get_job(session=session, tenant_id=tenant_id, job_id=job_id)
     oldest_first = order == "asc"
     query = (
         select(JobEvent)
@@ -326,16 +413,22 @@ def stage_summaries(
     return {row.job_id: (row.data or {}).get("metrics") or {} for row in rows}
 
 
-def list_artifacts(*, session: Session, job_id: str) -> list[Artifact]:
-    get_job(session=session, job_id=job_id)
+def list_artifacts(*, session: Session, tenant_id: str, job_id: str) -> list[Artifact]:
+    get_job(session=session, tenant_id=tenant_id, job_id=job_id)
     return list(
         session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.id))
     )
 
 
-def get_artifact(*, session: Session, job_id: str | None, artifact_id: str) -> Artifact:
-    """One artifact; with `job_id`, only if it belongs to that job."""
-    row = session.get(Artifact, artifact_id)
+def get_artifact(
+    *, session: Session, tenant_id: str, job_id: str | None, artifact_id: str
+) -> Artifact:
+    """One of the tenant's artifacts; with `job_id`, only if it belongs to that job."""
+    row = session.scalar(
+        select(Artifact)
+        .join(Job, Job.id == Artifact.job_id)
+        .where(Artifact.id == artifact_id, Job.tenant_id == tenant_id)
+    )
     if row is None or (job_id is not None and row.job_id != job_id):
         raise not_found("artifact", artifact_id)
     return row
@@ -352,12 +445,14 @@ def list_artifacts_of_jobs(*, session: Session, job_ids: list[str]) -> dict[str,
 
 
 def list_all_artifacts(
-    *, session: Session, after: str | None, limit: int, order: str = "desc"
+    *, session: Session, tenant_id: str, after: str | None, limit: int, order: str = "desc"
 ) -> list[Artifact]:
-    """Every job's artifacts, newest first (or `order="asc"`); `after` is an artifact id."""
+    """The tenant's artifacts, newest first (or `order="asc"`); `after` is an artifact id."""
     newest_first = order == "desc"
     query = (
         select(Artifact)
+        .join(Job, Job.id == Artifact.job_id)
+        .where(Job.tenant_id == tenant_id)
         .order_by(Artifact.id.desc() if newest_first else Artifact.id)
         .limit(limit + 1)
     )
@@ -366,8 +461,10 @@ def list_all_artifacts(
     return list(session.scalars(query))
 
 
-def delete_artifact(*, session: Session, storage: Storage, artifact_id: str) -> None:
-    row = get_artifact(session=session, job_id=None, artifact_id=artifact_id)
+def delete_artifact(
+    *, session: Session, storage: Storage, tenant_id: str, artifact_id: str
+) -> None:
+    row = get_artifact(session=session, tenant_id=tenant_id, job_id=None, artifact_id=artifact_id)
     session.delete(row)
     session.commit()
     storage.delete(row.storage_key)

@@ -5,9 +5,13 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
+from app.deps import REQUIRE_KEY
+from app.errors import ERROR_RESPONSES
 from grait.registry import describe_models
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(
+    prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES, dependencies=[REQUIRE_KEY]
+)
 
 
 def _model_object(info: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,14 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import APIError, describe_validation_errors, loc_to_param
+from app.errors import (
+    DATABASE_DOWN_RETRY_AFTER,
+    APIError,
+    database_outage_message,
+    describe_validation_errors,
+    is_database_outage,
+    loc_to_param,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +60,29 @@ OPENAI_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": OpenAIErrorResponse, "description": description}
     for status, description in (
         (400, "Invalid request; `param` names the field (OpenAI's names), the message says why."),
-        (404, "Unknown id."),
-        (409, "Conflicts with the resource's state (e.g. a file used by an active job)."),
-        (413, "Upload too large."),
+        (401, "Missing, unknown or revoked API key (`openai.AuthenticationError`)."),
+        (404, "Unknown id (another tenant's id is unknown too)."),
+        (409, "Conflicts with the resource's state (a file in use, an Idempotency-Key reused)."),
+        (413, "Request or upload too large."),
+        (415, "Not multipart/form-data where a file is expected."),
+        (429, "Rate limit or queued-jobs limit reached; see `Retry-After`."),
+        (503, "The database is unreachable; retry after `Retry-After` seconds."),
     )
 }
 
 
 def openai_error(
-    status: int, message: str, *, code: str | None = None, param: str | None = None
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     status = 400 if status == 422 else status
-    headers = {"x-should-retry": "false"} if 400 <= status < 500 and status != 429 else None
+    headers = dict(headers or {})
+    if 400 <= status < 500 and status != 429:
+        headers["x-should-retry"] = "false"
     return JSONResponse(
         status_code=status,
         content={
@@ -75,7 +93,7 @@ def openai_error(
                 "code": code,
             }
         },
-        headers=headers,
+        headers=headers or None,
     )
 
 
@@ -111,7 +129,9 @@ class OpenAIRoute(APIRoute):
             try:
                 return await handler(request)
             except APIError as exc:
-                return openai_error(exc.status, exc.message, code=exc.code, param=exc.param)
+                return openai_error(
+                    exc.status, exc.message, code=exc.code, param=exc.param, headers=exc.headers
+                )
             except RequestValidationError as exc:
                 message, param = describe_openai_validation(list(exc.errors()))
                 return openai_error(400, message, code="invalid_request", param=param)
@@ -122,6 +142,13 @@ class OpenAIRoute(APIRoute):
                 detail = exc.detail if isinstance(exc.detail, str) else "request failed"
                 return openai_error(exc.status_code, detail)
             except Exception as exc:
+                if is_database_outage(exc):
+                    return openai_error(
+                        503,
+                        database_outage_message(exc),
+                        code="database_unavailable",
+                        headers={"Retry-After": str(DATABASE_DOWN_RETRY_AFTER)},
+                    )
                 log.exception("unhandled error on %s", request.url.path)
                 return openai_error(500, f"{type(exc).__name__}: {exc}", code="internal_error")
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 
 from app.datasets.upload import accept_dataset_upload
-from app.deps import SessionDep, SettingsDep, StorageDep
+from app.deps import REQUIRE_KEY, PrincipalDep, SessionDep, SettingsDep, StorageDep
 from app.errors import APIError
+from app.idempotency import REPLAYED_HEADER, Idempotency, IdempotencyKeyHeader
 from app.jobs import service as jobs_service
 from app.jobs.schemas import EVENT_PREFIX
 from app.models import Dataset
@@ -31,7 +32,12 @@ from app.openai_compat.schemas import (
 )
 from app.pagination import AfterQuery, ListPage, page_of
 
-router = APIRouter(prefix="/v1", route_class=OpenAIRoute, responses=OPENAI_ERROR_RESPONSES)
+router = APIRouter(
+    prefix="/v1",
+    route_class=OpenAIRoute,
+    responses=OPENAI_ERROR_RESPONSES,
+    dependencies=[REQUIRE_KEY],
+)
 
 FINE_TUNE = "fine-tune"
 Limit = Annotated[int, Query(ge=1, le=100, description="Items per page (1-100).")]
@@ -86,21 +92,32 @@ def _require_fine_tune_purpose(fields: dict[str, str]) -> None:
     openapi_extra=_FILE_UPLOAD_BODY,
 )
 async def create_file(
-    request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep
+    request: Request,
+    response: Response,
+    principal: PrincipalDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> FileObject:
     """A `fine-tune` file is a dataset: same validation, storage and record as /v1/datasets."""
-    row = await accept_dataset_upload(
+    row, replayed = await accept_dataset_upload(
         request,
         session=session,
         settings=settings,
         storage=storage,
+        tenant_id=principal.tenant_id,
+        idempotency_key=idempotency_key,
         check_fields=_require_fine_tune_purpose,
     )
+    if replayed:
+        response.headers[REPLAYED_HEADER] = "true"
     return FileObject.of_dataset(row)
 
 
 @router.get("/files", tags=["openai: files"], response_model=ListPage[FileObject])
 def list_files(
+    principal: PrincipalDep,
     session: SessionDep,
     after: AfterQuery = None,
     limit: Limit = 20,
@@ -109,19 +126,28 @@ def list_files(
 ) -> dict:
     """Uploaded files (`fine-tune`) and job results (`fine-tune-results`), newest first."""
     rows = service.list_files(
-        session=session, purpose=purpose, after=after, limit=limit, order=order
+        session=session,
+        tenant_id=principal.tenant_id,
+        purpose=purpose,
+        after=after,
+        limit=limit,
+        order=order,
     )
     return page_of(rows, limit=limit, to_schema=_file_object)
 
 
 @router.get("/files/{file_id}", tags=["openai: files"], response_model=FileObject)
-def retrieve_file(file_id: str, session: SessionDep) -> FileObject:
-    return _file_object(service.get_file(session=session, file_id=file_id))
+def retrieve_file(file_id: str, principal: PrincipalDep, session: SessionDep) -> FileObject:
+    return _file_object(
+        service.get_file(session=session, tenant_id=principal.tenant_id, file_id=file_id)
+    )
 
 
 @router.get("/files/{file_id}/content", tags=["openai: files"], response_class=FileResponse)
-def file_content(file_id: str, session: SessionDep, storage: StorageDep) -> FileResponse:
-    row = service.get_file(session=session, file_id=file_id)
+def file_content(
+    file_id: str, principal: PrincipalDep, session: SessionDep, storage: StorageDep
+) -> FileResponse:
+    row = service.get_file(session=session, tenant_id=principal.tenant_id, file_id=file_id)
     media_type = getattr(row, "content_type", None) or "application/octet-stream"
     return FileResponse(
         storage.local_path(row.storage_key), media_type=media_type, filename=row.filename
@@ -129,9 +155,13 @@ def file_content(file_id: str, session: SessionDep, storage: StorageDep) -> File
 
 
 @router.delete("/files/{file_id}", tags=["openai: files"], response_model=FileDeleted)
-def delete_file(file_id: str, session: SessionDep, storage: StorageDep) -> FileDeleted:
+def delete_file(
+    file_id: str, principal: PrincipalDep, session: SessionDep, storage: StorageDep
+) -> FileDeleted:
     """409 while an active job uses the file; a result file can be deleted any time."""
-    service.delete_file(session=session, storage=storage, file_id=file_id)
+    service.delete_file(
+        session=session, storage=storage, tenant_id=principal.tenant_id, file_id=file_id
+    )
     return FileDeleted(id=file_id)
 
 
@@ -140,10 +170,31 @@ def delete_file(file_id: str, session: SessionDep, storage: StorageDep) -> FileD
 
 @router.post("/fine_tuning/jobs", tags=["openai: fine-tuning"], response_model=FineTuningJobObject)
 def create_fine_tuning_job(
-    body: FineTuningJobCreate, session: SessionDep, storage: StorageDep, settings: SettingsDep
+    body: FineTuningJobCreate,
+    response: Response,
+    principal: PrincipalDep,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> FineTuningJobObject:
     """Without `method`, a `grait` job with grait's defaults (see docs/service.md)."""
-    job = service.create_job(session=session, storage=storage, settings=settings, body=body)
+    idempotency = Idempotency.of(
+        idempotency_key,
+        tenant_id=principal.tenant_id,
+        scope="POST /v1/fine_tuning/jobs",
+        payload=body.model_dump(mode="json", exclude_unset=True),
+    )
+    job, replayed = service.create_job(
+        session=session,
+        storage=storage,
+        settings=settings,
+        tenant_id=principal.tenant_id,
+        body=body,
+        idempotency=idempotency,
+    )
+    if replayed:
+        response.headers[REPLAYED_HEADER] = "true"
     return service.job_objects(session=session, jobs=[job])[0]
 
 
@@ -154,7 +205,11 @@ _METADATA_KEY = re.compile(r"^metadata\[(.+)\]$")
     "/fine_tuning/jobs", tags=["openai: fine-tuning"], response_model=ListPage[FineTuningJobObject]
 )
 def list_fine_tuning_jobs(
-    request: Request, session: SessionDep, after: AfterQuery = None, limit: Limit = 20
+    request: Request,
+    principal: PrincipalDep,
+    session: SessionDep,
+    after: AfterQuery = None,
+    limit: Limit = 20,
 ) -> dict:
     """Newest first; filter with `metadata[key]=value` (every pair must match)."""
     metadata = {
@@ -162,7 +217,13 @@ def list_fine_tuning_jobs(
         for key, value in request.query_params.multi_items()
         if (match := _METADATA_KEY.match(key))
     }
-    jobs = jobs_service.list_jobs(session=session, after=after, limit=limit, metadata=metadata)
+    jobs = jobs_service.list_jobs(
+        session=session,
+        tenant_id=principal.tenant_id,
+        after=after,
+        limit=limit,
+        metadata=metadata,
+    )
     objects = service.job_objects(session=session, jobs=jobs)
     return page_of(objects, limit=limit, to_schema=lambda obj: obj)
 
@@ -170,8 +231,10 @@ def list_fine_tuning_jobs(
 @router.get(
     "/fine_tuning/jobs/{job_id}", tags=["openai: fine-tuning"], response_model=FineTuningJobObject
 )
-def retrieve_fine_tuning_job(job_id: str, session: SessionDep) -> FineTuningJobObject:
-    job = jobs_service.get_job(session=session, job_id=job_id)
+def retrieve_fine_tuning_job(
+    job_id: str, principal: PrincipalDep, session: SessionDep
+) -> FineTuningJobObject:
+    job = jobs_service.get_job(session=session, tenant_id=principal.tenant_id, job_id=job_id)
     return service.job_objects(session=session, jobs=[job])[0]
 
 
@@ -180,9 +243,11 @@ def retrieve_fine_tuning_job(job_id: str, session: SessionDep) -> FineTuningJobO
     tags=["openai: fine-tuning"],
     response_model=FineTuningJobObject,
 )
-def cancel_fine_tuning_job(job_id: str, session: SessionDep) -> FineTuningJobObject:
+def cancel_fine_tuning_job(
+    job_id: str, principal: PrincipalDep, session: SessionDep
+) -> FineTuningJobObject:
     """Queued: cancelled at once. Running: stops at the next step boundary (`status` follows)."""
-    job = jobs_service.cancel_job(session=session, job_id=job_id)
+    job = jobs_service.cancel_job(session=session, tenant_id=principal.tenant_id, job_id=job_id)
     return service.job_objects(session=session, jobs=[job])[0]
 
 
@@ -192,11 +257,20 @@ def cancel_fine_tuning_job(job_id: str, session: SessionDep) -> FineTuningJobObj
     response_model=ListPage[FineTuningJobEventObject],
 )
 def list_fine_tuning_events(
-    job_id: str, session: SessionDep, after: AfterQuery = None, limit: Limit = 20
+    job_id: str,
+    principal: PrincipalDep,
+    session: SessionDep,
+    after: AfterQuery = None,
+    limit: Limit = 20,
 ) -> dict:
     """Newest first, like OpenAI's; `after` pages towards older events."""
     rows = jobs_service.list_events(
-        session=session, job_id=job_id, after=after, limit=limit, order="desc"
+        session=session,
+        tenant_id=principal.tenant_id,
+        job_id=job_id,
+        after=after,
+        limit=limit,
+        order="desc",
     )
     return page_of(rows, limit=limit, to_schema=FineTuningJobEventObject.of)
 
@@ -207,10 +281,14 @@ def list_fine_tuning_events(
     response_model=ListPage[FineTuningJobCheckpointObject],
 )
 def list_fine_tuning_checkpoints(
-    job_id: str, session: SessionDep, after: AfterQuery = None, limit: Limit = 10
+    job_id: str,
+    principal: PrincipalDep,
+    session: SessionDep,
+    after: AfterQuery = None,
+    limit: Limit = 10,
 ) -> dict:
     """The pipeline stages the job completed, newest first, each with its metrics."""
-    job = jobs_service.get_job(session=session, job_id=job_id)
+    job = jobs_service.get_job(session=session, tenant_id=principal.tenant_id, job_id=job_id)
     cursor = None
     if after:
         if not after.startswith(CHECKPOINT_PREFIX):
@@ -223,6 +301,7 @@ def list_fine_tuning_checkpoints(
         cursor = EVENT_PREFIX + after.removeprefix(CHECKPOINT_PREFIX)
     rows = jobs_service.list_events(
         session=session,
+        tenant_id=principal.tenant_id,
         job_id=job_id,
         after=cursor,
         limit=limit,

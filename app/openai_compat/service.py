@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.datasets import service as datasets_service
 from app.errors import APIError, describe_validation_errors, not_found
+from app.idempotency import Idempotency
 from app.jobs import service as jobs_service
 from app.jobs.schemas import JobCreate
 from app.models import Artifact, Dataset, Job
@@ -179,14 +180,28 @@ def translate_create(body: FineTuningJobCreate) -> Translation:
 
 
 def create_job(
-    *, session: Session, storage: Storage, settings: Settings, body: FineTuningJobCreate
-) -> Job:
+    *,
+    session: Session,
+    storage: Storage,
+    settings: Settings,
+    tenant_id: str,
+    body: FineTuningJobCreate,
+    idempotency: Idempotency | None = None,
+) -> tuple[Job, bool]:
+    """(job, replayed): the native submit, with its errors named in OpenAI's terms."""
     translation = translate_create(body)
     try:
         return jobs_service.submit_job(
-            session=session, storage=storage, settings=settings, request=translation.request
+            session=session,
+            storage=storage,
+            settings=settings,
+            tenant_id=tenant_id,
+            request=translation.request,
+            idempotency=idempotency,
         )
     except APIError as exc:
+        if exc.param == "Idempotency-Key" or exc.status == 429:
+            raise
         raise translation.openai_error(exc) from None
 
 
@@ -215,34 +230,56 @@ def _sort_key(row: Dataset | Artifact) -> str:
 
 
 def list_files(
-    *, session: Session, purpose: str | None, after: str | None, limit: int, order: str
+    *,
+    session: Session,
+    tenant_id: str,
+    purpose: str | None,
+    after: str | None,
+    limit: int,
+    order: str,
 ) -> list[Dataset | Artifact]:
     """Datasets and result files merged into one id-ordered list (fetched with limit + 1 rows)."""
     key = after.split("-", 1)[1] if after and "-" in after else None
     rows: list[Dataset | Artifact] = []
     if purpose in (None, "fine-tune"):
         rows += datasets_service.list_datasets(
-            session=session, after=key and DATASET_PREFIX + key, limit=limit, order=order
+            session=session,
+            tenant_id=tenant_id,
+            after=key and DATASET_PREFIX + key,
+            limit=limit,
+            order=order,
         )
     if purpose in (None, "fine-tune-results"):
         rows += jobs_service.list_all_artifacts(
-            session=session, after=key and ARTIFACT_PREFIX + key, limit=limit, order=order
+            session=session,
+            tenant_id=tenant_id,
+            after=key and ARTIFACT_PREFIX + key,
+            limit=limit,
+            order=order,
         )
     rows.sort(key=_sort_key, reverse=order == "desc")
     return rows[: limit + 1]
 
 
-def get_file(*, session: Session, file_id: str) -> Dataset | Artifact:
+def get_file(*, session: Session, tenant_id: str, file_id: str) -> Dataset | Artifact:
     if file_id.startswith(DATASET_PREFIX):
-        return datasets_service.get_dataset(session=session, dataset_id=file_id)
+        return datasets_service.get_dataset(
+            session=session, tenant_id=tenant_id, dataset_id=file_id
+        )
     if file_id.startswith(ARTIFACT_PREFIX):
-        return jobs_service.get_artifact(session=session, job_id=None, artifact_id=file_id)
+        return jobs_service.get_artifact(
+            session=session, tenant_id=tenant_id, job_id=None, artifact_id=file_id
+        )
     raise not_found("file", file_id)
 
 
-def delete_file(*, session: Session, storage: Storage, file_id: str) -> None:
-    row = get_file(session=session, file_id=file_id)
+def delete_file(*, session: Session, storage: Storage, tenant_id: str, file_id: str) -> None:
+    row = get_file(session=session, tenant_id=tenant_id, file_id=file_id)
     if isinstance(row, Dataset):
-        datasets_service.delete_dataset(session=session, storage=storage, dataset_id=row.id)
+        datasets_service.delete_dataset(
+            session=session, storage=storage, tenant_id=tenant_id, dataset_id=row.id
+        )
     else:
-        jobs_service.delete_artifact(session=session, storage=storage, artifact_id=row.id)
+        jobs_service.delete_artifact(
+            session=session, storage=storage, tenant_id=tenant_id, artifact_id=row.id
+        )

@@ -124,6 +124,13 @@ def service_env(
         "GRAIT_SWEEP_INTERVAL_SECONDS": "2",
         "GRAIT_PROGRESS_WRITE_SECONDS": "0.5",
         "GRAIT_CANCEL_CHECK_SECONDS": "0.2",
+        # The webhook tests' receiver listens on loopback; fast retries keep them short.
+        "GRAIT_WEBHOOK_ALLOW_PRIVATE": "true",
+        "GRAIT_WEBHOOK_RETRY_BASE_SECONDS": "0.3",
+        "GRAIT_WEBHOOK_POLL_SECONDS": "0.2",
+        # Limits get their own API process (test_limits.py); here they stay out of the way.
+        "GRAIT_RATE_LIMIT_PER_SECOND": "1000",
+        "GRAIT_RATE_LIMIT_BURST": "10000",
         "PYTHONUNBUFFERED": "1",
     }
     subprocess.run(
@@ -134,6 +141,8 @@ def service_env(
         capture_output=True,
         timeout=60,
     )
+    # The session's own tenant; its key is also what client commands (GRAIT_API_KEY) send.
+    env["GRAIT_API_KEY"] = make_key(env, "alpha")
     yield env
     client = redis.Redis.from_url(redis_url)
     keys = list(client.scan_iter(match=f"{prefix}*"))
@@ -257,9 +266,41 @@ def api_url(service_env: dict[str, str], logs_dir: Path) -> Iterator[str]:
     proc.stop()
 
 
+def make_key(env: dict[str, str], tenant: str) -> str:
+    """A new API key for `tenant` (created if new), straight in the database."""
+    from sqlalchemy.orm import Session
+
+    from app.auth.service import create_key
+    from app.db import make_engine
+
+    engine = make_engine(env["GRAIT_DATABASE_URL"], one_shot=True)
+    try:
+        with Session(engine) as session:
+            return create_key(session=session, tenant_name=tenant)[1]
+    finally:
+        engine.dispose()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="session")
+def api_key(service_env: dict[str, str]) -> str:
+    return service_env["GRAIT_API_KEY"]
+
+
 @pytest.fixture()
-def client(api_url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api_url, timeout=30) as c:
+def client(api_url: str, api_key: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=api_url, timeout=30, headers=bearer(api_key)) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def other_client(api_url: str, service_env: dict[str, str]) -> Iterator[httpx.Client]:
+    """A second tenant's client: it must see none of `client`'s objects."""
+    key = make_key(service_env, "beta")
+    with httpx.Client(base_url=api_url, timeout=30, headers=bearer(key)) as c:
         yield c
 
 
@@ -268,7 +309,7 @@ class Worker:
 
     NAME = "test-worker@%h"
 
-    def __init__(self, env: dict[str, str], log_dir: Path):
+    def __init__(self, env: dict[str, str], log_dir: Path, *, log_name: str = "worker"):
         cmd = [
             PYTHON,
             "-m",
@@ -288,7 +329,7 @@ class Worker:
             "--loglevel",
             "INFO",
         ]
-        self.process = Process("worker", cmd, env, log_dir)
+        self.process = Process(log_name, cmd, env, log_dir)
         self.starts = 0
 
     def ensure_running(self) -> Worker:
@@ -336,9 +377,9 @@ def upload(client: httpx.Client, path: Path, **fields: str) -> httpx.Response:
 
 
 @pytest.fixture(scope="session")
-def datasets(api_url: str, data_dir: Path) -> dict[str, str]:
+def datasets(api_url: str, api_key: str, data_dir: Path) -> dict[str, str]:
     """An MMLU and an ARC excerpt uploaded once for the job tests: {"mmlu": id, "arc": id}."""
-    with httpx.Client(base_url=api_url, timeout=30) as c:
+    with httpx.Client(base_url=api_url, timeout=30, headers=bearer(api_key)) as c:
         out = {}
         for key, file in (("mmlu", "mmlu_excerpt.csv"), ("arc", "arc_excerpt.jsonl")):
             response = upload(c, data_dir / file)
@@ -368,6 +409,15 @@ def wait_for_status(
 
 def all_events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
     return client.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
+
+
+def printed_api_key(log: str) -> str:
+    """The key `serve` prints on its first start (the one-command mode)."""
+    import re
+
+    match = re.search(r"GRAIT_API_KEY=(gk_[A-Za-z0-9_-]+)", log)
+    assert match, f"no API key printed:\n{log[-2000:]}"
+    return match.group(1)
 
 
 def settings_for(env: dict[str, str]) -> Any:

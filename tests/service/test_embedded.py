@@ -13,6 +13,8 @@ from .conftest import (
     ROOT,
     TERMINAL,
     all_events,
+    bearer,
+    printed_api_key,
     start_api,
     tiny_job,
     upload,
@@ -51,7 +53,9 @@ def test_embedded_mode_serves_a_job_with_sqlite_and_no_servers(
     try:
         assert "http://127.0.0.1:" in api.log()
         assert (tmp_path / "var" / "grait.db").is_file()
-        with httpx.Client(base_url=base, timeout=30) as client:
+        key = printed_api_key(api.log())  # first start: a key for tenant `default`, shown once
+        assert httpx.get(base + "/v1/jobs").status_code == 401
+        with httpx.Client(base_url=base, timeout=30, headers=bearer(key)) as client:
             ready = client.get("/readyz").json()
             assert ready["checks"] == {"database": "ok", "broker": "ok", "worker": "ok"}
             datasets = {

@@ -69,8 +69,8 @@ def files_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def oai(api_url: str) -> Iterator[openai.OpenAI]:
-    client = openai.OpenAI(base_url=f"{api_url}/v1", api_key="test-key")
+def oai(api_url: str, api_key: str) -> Iterator[openai.OpenAI]:
+    client = openai.OpenAI(base_url=f"{api_url}/v1", api_key=api_key)
     yield client
     client.close()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from .conftest import PYTHON, ROOT, TERMINAL, start_api, wait_for
+from .conftest import PYTHON, ROOT, TERMINAL, printed_api_key, start_api, wait_for
 from .test_openai_client import chat_lines
 
 pytestmark = pytest.mark.timeout(240)
@@ -34,7 +34,10 @@ def test_supervised_job_on_chat_files_with_sqlite_and_the_embedded_worker(
         timeout=60,
     )
     try:
-        oai = openai.OpenAI(base_url=f"{base}/v1", api_key="test-key")
+        # First start with no key: `serve` made one for tenant `default` and printed it once.
+        oai = openai.OpenAI(base_url=f"{base}/v1", api_key=printed_api_key(api.log()))
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="gk_wrong", max_retries=0).files.list()
         train, valid = (
             oai.files.create(file=(tmp_path / name).open("rb"), purpose="fine-tune").id
             for name in ("train.jsonl", "valid.jsonl")

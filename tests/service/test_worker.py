@@ -6,6 +6,7 @@ import io
 import json
 import tarfile
 import time
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 import redis
 
 from .conftest import Worker, all_events, settings_for, tiny_job, wait_for, wait_for_status
+from .test_webhooks import Receiver
 
 STAGE_ORDER = [
     "knowledge_query",
@@ -128,7 +130,10 @@ def test_worker_killed_mid_job_is_resumed_from_the_last_completed_stage(
     worker: Worker,
     service_env: dict[str, str],
 ) -> None:
-    job = client.post("/v1/jobs", json=tiny_job(tiny_model, datasets)).json()
+    receiver = Receiver([])
+    job = client.post(
+        "/v1/jobs", json=tiny_job(tiny_model, datasets, webhook_url=receiver.url)
+    ).json()
     wait_for(
         lambda: any(
             e["type"] == "stage_completed" and e["stage"] == "knowledge_query"
@@ -162,6 +167,22 @@ def test_worker_killed_mid_job_is_resumed_from_the_last_completed_stage(
     assert [e["stage"] for e in events if e["type"] == "stage_started"].count(
         "knowledge_query"
     ) == 1
+    # No duplicates from the dead attempt: each stage completed once, one terminal status,
+    # one artifact per kind (and no stray files), one webhook for the one terminal state.
+    completed = Counter(e["stage"] for e in events if e["type"] == "stage_completed")
+    assert set(completed) == set(STAGE_ORDER) and set(completed.values()) == {1}, completed
+    statuses = [e["data"]["status"] for e in events if e["type"] == "status"]
+    assert statuses.count("succeeded") == 1 and statuses[-1] == "succeeded"
+    artifacts = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+    kinds = [a["kind"] for a in artifacts]
+    assert len(kinds) == len(set(kinds)) and "adapter" in kinds
+    stored = Path(service_env["GRAIT_STORAGE_DIR"]) / "jobs" / job["id"]
+    assert sorted(p.name for p in stored.iterdir()) == sorted(a["filename"] for a in artifacts)
+    wait_for(lambda: receiver.received, timeout=15, what="the job.succeeded webhook")
+    deliveries = client.get(f"/v1/jobs/{job['id']}/webhook_deliveries").json()["data"]
+    assert [(d["event_type"], d["status"]) for d in deliveries] == [("job.succeeded", "delivered")]
+    assert len(receiver.received) == 1
+    receiver.close()
 
 
 @pytest.mark.timeout(60)
