@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from grait.events import Cancelled
-from grait.prompts import Encoded, collate, per_sample_answer_loss
+from grait.prompts import Encoded, answer_logits, collate, per_sample_answer_loss
 
 _LORA_FACTOR = re.compile(r"\.lora_[AB]\.[^.]+$")
 
@@ -80,8 +80,8 @@ def per_sample_lora_gradients(
     """One forward+backward over the batch; returns [B, P] per-sample gradients."""
     device = next(model.parameters()).device
     batch = collate(items, pad_id).to(device)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    loss = per_sample_answer_loss(logits, batch.labels).sum()
+    # Logits only where answers are predicted: the LM head over the prompt is wasted work.
+    loss = per_sample_answer_loss(*answer_logits(model, batch)).sum()
     loss.backward()
     model.zero_grad(set_to_none=True)
     return capture.per_sample_gradients()

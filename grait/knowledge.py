@@ -21,6 +21,7 @@ from grait.config import KnowledgeConfig
 from grait.data import QARecord
 from grait.generation import generate
 from grait.prompts import (
+    answer_logits,
     cloze_message,
     collate,
     encode,
@@ -96,8 +97,7 @@ def score_options_cloze(
     for chunk in _batches(len(order), batch_size):
         idx = [order[i] for i in chunk]
         batch = collate([encoded[i] for i in idx], tokenizer.pad_token_id).to(device)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        loss = per_sample_answer_loss(logits, batch.labels)
+        loss = per_sample_answer_loss(*answer_logits(model, batch))
         scores[idx] = (-loss).cpu().numpy()
         done_options += len(idx)
         if tick:

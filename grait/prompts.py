@@ -132,3 +132,31 @@ def per_sample_answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.
     ).view(shift_labels.shape)
     counts = (shift_labels != -100).sum(dim=1).clamp(min=1)
     return token_loss.sum(dim=1) / counts
+
+
+def answer_logits(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits only from the first column that predicts an answer token on, and labels cut to match.
+
+    Prompt positions never enter the answer loss, yet the LM head over them costs a large
+    share of a small model's pass (SmolLM2-135M: a 576 x 49152 matmul per position plus a
+    [B, T, vocab] float tensor). HF causal LMs take `logits_to_keep` (a tensor of positions);
+    a model that rejects or ignores it gets full logits and full labels, so results are the
+    same either way. `per_sample_answer_loss(*answer_logits(model, batch))` equals the
+    full-logit loss.
+    """
+    width = batch.input_ids.shape[1]
+    answer_cols = (batch.labels != -100).any(dim=0).nonzero()
+    start = max(0, int(answer_cols[0]) - 1) if len(answer_cols) else 0
+    if start > 0:
+        keep = torch.arange(start, width, device=batch.input_ids.device)
+        try:
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
+        except TypeError:
+            logits = None
+        if logits is not None:
+            if logits.shape[1] == width - start:
+                return logits, batch.labels[:, start:]
+            if logits.shape[1] == width:
+                return logits, batch.labels
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return logits, batch.labels

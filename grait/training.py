@@ -30,7 +30,7 @@ from transformers import (
 
 from grait.config import LoraConfigSpec
 from grait.events import Cancelled
-from grait.prompts import Encoded, collate, per_sample_answer_loss
+from grait.prompts import Batch, Encoded, answer_logits, collate, per_sample_answer_loss
 
 # Raised by Trainer's own internals on every run; nothing a caller can act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -69,11 +69,11 @@ class WeightedLossTrainer(Trainer):
         num_items_in_batch: Any = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         weights = inputs.pop("weights")
-        labels = inputs.pop("labels")
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        per_sample = per_sample_answer_loss(outputs.logits, labels)
+        batch = Batch(inputs["input_ids"], inputs["attention_mask"], inputs.pop("labels"))
+        logits, labels = answer_logits(model, batch)
+        per_sample = per_sample_answer_loss(logits, labels)
         loss = (weights.to(per_sample.dtype) * per_sample).sum() / per_sample.numel()
-        return (loss, outputs) if return_outputs else loss
+        return (loss, {"logits": logits}) if return_outputs else loss
 
 
 class _Progress(TrainerCallback):
