@@ -1,0 +1,1 @@
+"""Quality benchmark: every method side by side on one base model (`python -m bench.quality`)."""

@@ -1,0 +1,3 @@
+from bench.speed.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,88 @@
+"""The benchmarks' smoke modes (tiny random model, tiny sizes) run end to end and write their
+tables and plots. CI runs these; the full benchmarks are run by hand (bench/README.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(600)
+
+QUALITY_ROWS = [
+    "base, plain prompt (Init-Basic; THS ref.)",
+    "base, may-refuse prompt (Init-Refuse)",
+    "van (all data, real answers)",
+    "rtuning (all ik + all idk)",
+    "grait |",
+    "grait-noweight (selection, no weights)",
+    "random-idk (same count)",
+]
+METHODS = {"base", "base+refuse-prompt", "van", "rtuning", "grait", "grait-noweight", "random-idk"}
+
+
+def _table_rows(markdown: str, section: str) -> list[str]:
+    """Rows of the first table after the heading `## <section>`."""
+    lines = markdown.split(f"## {section}", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("| "):
+            break
+        rows.append(line)
+    return rows
+
+
+@pytest.mark.parametrize("setting", ["real", "testbed"])
+def test_quality_smoke_writes_every_method_table_and_plot(setting: str, tmp_path: Path) -> None:
+    from bench.quality.cli import main
+
+    assert main(["--setting", setting, "--smoke", "--results-dir", str(tmp_path)]) == 0
+    out = tmp_path / f"smoke-{setting}"
+    md = (out / "results.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert (out / "pw_pc.png").stat().st_size > 1000
+    assert len(summary["evals"]) == 2
+    for label, entry in summary["evals"].items():
+        assert set(entry["methods"]) == METHODS
+        rows = _table_rows(md, label)
+        assert len(rows) == len(QUALITY_ROWS)
+        for row, name in zip(rows, QUALITY_ROWS):
+            assert row.startswith(f"| {name}"), row
+        for stats in entry["methods"].values():
+            assert {"P_c", "P_w", "P_r", "THS"} <= set(stats)
+            rates = sum(stats[k]["value"] for k in ("P_c", "P_w", "P_r"))
+            assert rates == pytest.approx(1.0)
+        assert entry["methods"]["base"]["THS"]["value"] in (None, pytest.approx(0.0))
+        if setting == "testbed":
+            assert set(entry["known_unknown"]) == METHODS
+    if setting == "testbed":
+        assert "known: answered correctly" in md
+    timing_rows = _table_rows(md, "Wall time per stage")
+    assert len(timing_rows) == len(QUALITY_ROWS)
+    grait_row = next(r for r in timing_rows if r.startswith("| grait |"))
+    noweight_row = next(r for r in timing_rows if r.startswith("| grait-noweight"))
+    assert "shared" not in grait_row and noweight_row.count("shared") == 3
+
+
+def test_speed_smoke_writes_every_figure(tmp_path: Path) -> None:
+    from bench.speed.cli import main
+
+    assert main(["--smoke", "--results-dir", str(tmp_path), "--scratch", str(tmp_path / "scratch")]) == 0
+    out = tmp_path / "smoke-speed"
+    md = (out / "results.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    for section in ("Per-sample gradient features", "Selection + weighting", "Knowledge query", "Service"):
+        assert f"## {section}" in md
+    feat = summary["features"][0]
+    assert feat["hook_vs_loop_rel_error"] < 1e-3
+    assert feat["features_vs_floor"] > 0 and feat["naive_vs_floor"] > 0
+    assert [r["candidates"] for r in summary["selection"]] == [1000, 4000]
+    assert all(r["selected"] == r["budget"] for r in summary["selection"])
+    assert summary["knowledge"]["q_per_s"]["batched"] > 0
+    service = summary["service"]
+    assert service["direct_seconds"] > 0 and service["api_seconds"] > 0
+    assert [p["clients"] for p in service["pollers"]] == [10, 100]
+    assert len(_table_rows(md, "Selection + weighting")) == 2
+    assert not list((tmp_path / "smoke-speed").glob("*.npy"))  # feature matrices stay in scratch
