@@ -127,7 +127,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return 1
     kinds = Counter(r.kind for r in records)
     options = Counter(len(r.options) for r in records if r.kind == "mcqa")
-    print(f"valid: {len(records)} records ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})")
+    print(
+        f"valid: {len(records)} records ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})"
+    )
     if options:
         print("options per question: " + ", ".join(f"{k}: {v}" for k, v in sorted(options.items())))
     return 0
@@ -158,10 +160,14 @@ def cmd_config_defaults(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="grait", description="Refusal-aware instruction tuning (GRAIT)")
+    parser = argparse.ArgumentParser(
+        prog="grait", description="Refusal-aware instruction tuning (GRAIT)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a job spec (YAML) and print where the adapter and report are")
+    run = sub.add_parser(
+        "run", help="run a job spec (YAML) and print where the adapter and report are"
+    )
     run.add_argument("config", nargs="?", help="job spec YAML")
     run.add_argument("--run-dir", help="where outputs go (rerun with the same dir resumes)")
     run.add_argument("--method", choices=METHODS)
@@ -169,24 +175,45 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--train", help="training data file (overrides the spec)")
     run.add_argument("--eval", action="append", help="eval data file (repeatable)")
     run.add_argument("--seed", type=int)
-    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a knob, e.g. training.epochs=2")
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a knob, e.g. training.epochs=2",
+    )
     run.set_defaults(func=cmd_run)
 
-    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(
+        dest="data_command", required=True
+    )
     validate = data.add_parser("validate", help="check a QA file and count its records")
     validate.add_argument("file")
-    validate.add_argument("--format", default="auto", choices=["auto", "canonical", "mmlu", "arc", "nq", "openai_chat"])
+    validate.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "canonical", "mmlu", "arc", "nq", "openai_chat"],
+    )
     validate.set_defaults(func=cmd_validate)
 
-    models = sub.add_parser("models", help="base models").add_subparsers(dest="models_command", required=True)
-    prepare = models.add_parser("prepare", help="convert the packaged GGUF model into the local cache once")
+    models = sub.add_parser("models", help="base models").add_subparsers(
+        dest="models_command", required=True
+    )
+    prepare = models.add_parser(
+        "prepare", help="convert the packaged GGUF model into the local cache once"
+    )
     prepare.add_argument("alias", nargs="?", default="smollm2-135m-instruct")
     prepare.add_argument("--force", action="store_true")
     prepare.set_defaults(func=cmd_models_prepare)
-    models.add_parser("list", help="known models and their state").set_defaults(func=cmd_models_list)
+    models.add_parser("list", help="known models and their state").set_defaults(
+        func=cmd_models_list
+    )
 
-    config = sub.add_parser("config", help="job spec tools").add_subparsers(dest="config_command", required=True)
-    config.add_parser("defaults", help="print every knob with its default").set_defaults(func=cmd_config_defaults)
+    config = sub.add_parser("config", help="job spec tools").add_subparsers(
+        dest="config_command", required=True
+    )
+    config.add_parser("defaults", help="print every knob with its default").set_defaults(
+        func=cmd_config_defaults
+    )
     return parser
 
 

@@ -33,9 +33,19 @@ class DatasetSpec(_Strict):
     path: str
     format: DataFormat = "auto"
     name: str | None = Field(None, description="Label in reports; defaults to the file name.")
-    limit: int | None = Field(None, ge=1, description="Keep the first N records (after shuffling with the job seed when `shuffle`).")
-    offset: int = Field(0, ge=0, description="Skip the first N records (after shuffling); lets one file give disjoint train/eval parts.")
-    shuffle: bool = Field(True, description="Shuffle with the job seed before offset/limit, so excerpts mix subjects.")
+    limit: int | None = Field(
+        None,
+        ge=1,
+        description="Keep the first N records (after shuffling with the job seed when `shuffle`).",
+    )
+    offset: int = Field(
+        0,
+        ge=0,
+        description="Skip the first N records (after shuffling); lets one file give disjoint train/eval parts.",
+    )
+    shuffle: bool = Field(
+        True, description="Shuffle with the job seed before offset/limit, so excerpts mix subjects."
+    )
 
     @property
     def label(self) -> str:
@@ -46,15 +56,24 @@ class KnowledgeConfig(_Strict):
     """Stage 1: ask the base model each training question."""
 
     scorer: Literal["auto", "letter", "cloze"] = Field(
-        "auto", description="MCQA scorer; `auto` = cloze for models under 3B parameters, else letter."
+        "auto",
+        description="MCQA scorer; `auto` = cloze for models under 3B parameters, else letter.",
     )
     tau: float = Field(0.5, ge=0.0, le=1.0, description="c(x) >= tau means known (ik).")
-    k_samples: int = Field(10, ge=1, description="OEQA: sampled answers per question (plus one greedy).")
+    k_samples: int = Field(
+        10, ge=1, description="OEQA: sampled answers per question (plus one greedy)."
+    )
     temperature: float = Field(1.0, gt=0.0, description="OEQA sampling temperature.")
     max_new_tokens: int = Field(24, ge=1, description="OEQA: tokens per sampled answer.")
-    n_ik: int | None = Field(None, ge=0, description="Known samples kept (most certain first); None = all.")
-    n_idk: int | None = Field(None, ge=0, description="Unknown samples selected; None = n_ik / ik_idk_ratio.")
-    ik_idk_ratio: float = Field(4.0, gt=0.0, description="Default ik:idk budget ratio (release: 4000:1000).")
+    n_ik: int | None = Field(
+        None, ge=0, description="Known samples kept (most certain first); None = all."
+    )
+    n_idk: int | None = Field(
+        None, ge=0, description="Unknown samples selected; None = n_ik / ik_idk_ratio."
+    )
+    ik_idk_ratio: float = Field(
+        4.0, gt=0.0, description="Default ik:idk budget ratio (release: 4000:1000)."
+    )
     batch_size: int = Field(16, ge=1)
 
 
@@ -71,7 +90,9 @@ class WarmupConfig(_Strict):
     """Stage 2a: a short LoRA warm-up whose AdamW moments precondition the features."""
 
     fraction: float = Field(0.05, gt=0.0, le=1.0, description="Share of the RAIT data trained on.")
-    min_samples: int = Field(8, ge=1, description="Floor on the warm-up set size for small datasets.")
+    min_samples: int = Field(
+        8, ge=1, description="Floor on the warm-up set size for small datasets."
+    )
     epochs: int = Field(1, ge=1)
     learning_rate: float = Field(2e-4, gt=0.0)
     batch_size: int = Field(8, ge=1)
@@ -83,9 +104,12 @@ class FeaturesConfig(_Strict):
     dim: int = Field(8192, ge=8, description="Projection dimension d.")
     preconditioner: Literal["adam", "rms", "none"] = "adam"
     projection: Literal["sparse", "dense"] = Field(
-        "sparse", description="sparse JL (hash + sign, blockwise) or a dense Gaussian matrix (small P only)."
+        "sparse",
+        description="sparse JL (hash + sign, blockwise) or a dense Gaussian matrix (small P only).",
     )
-    sparse_blocks: int = Field(4, ge=1, description="s: each coordinate lands once in each of s blocks of d/s.")
+    sparse_blocks: int = Field(
+        4, ge=1, description="s: each coordinate lands once in each of s blocks of d/s."
+    )
     batch_size: int = Field(16, ge=1)
     adam_eps: float = Field(1e-8, gt=0.0)
 
@@ -96,7 +120,9 @@ class SelectionConfig(_Strict):
     lam: float = Field(1.0, description="Weight of the over-refusal term I_ik.")
     mu: float = Field(1.0, description="Weight of the agreement with kept ik answers.")
     rho: float = Field(0.0, description="Weight of the redundancy penalty (max sim to selected).")
-    block_rows: int = Field(4096, ge=1, description="Rows per block when streaming stored features.")
+    block_rows: int = Field(
+        4096, ge=1, description="Rows per block when streaming stored features."
+    )
 
 
 class WeightingConfig(_Strict):
@@ -122,7 +148,9 @@ class TrainingConfig(_Strict):
     gradient_accumulation_steps: int = Field(1, ge=1)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
-    max_length: int = Field(512, ge=16, description="Prompt + answer tokens; longer prompts are cut from the left.")
+    max_length: int = Field(
+        512, ge=16, description="Prompt + answer tokens; longer prompts are cut from the left."
+    )
     grad_clip: float = Field(1.0, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
 

@@ -26,7 +26,9 @@ MMLU_HEADER = ["id", "lang", "question", "A", "B", "C", "D", "target"]
 class DataError(ValueError):
     """A QA file that cannot be read as asked; says where and what."""
 
-    def __init__(self, file: str | Path, message: str, *, line: int | None = None, field: str | None = None):
+    def __init__(
+        self, file: str | Path, message: str, *, line: int | None = None, field: str | None = None
+    ):
         self.file = str(file)
         self.line = line
         self.field = field
@@ -113,9 +115,13 @@ def _json_lines(file: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as exc:
-                raise DataError(file, f"invalid JSON ({exc.msg} at column {exc.colno})", line=number) from None
+                raise DataError(
+                    file, f"invalid JSON ({exc.msg} at column {exc.colno})", line=number
+                ) from None
             if not isinstance(obj, dict):
-                raise DataError(file, f"expected a JSON object, got {type(obj).__name__}", line=number)
+                raise DataError(
+                    file, f"expected a JSON object, got {type(obj).__name__}", line=number
+                )
             yield number, obj
 
 
@@ -127,13 +133,17 @@ def _options_from(value: Any, file: Path, line: int) -> tuple[list[str], list[st
         items = []
         for i, item in enumerate(value):
             if isinstance(item, dict):
-                items.append((item.get("label", LETTERS[i] if i < 26 else str(i)), item.get("text")))
+                items.append(
+                    (item.get("label", LETTERS[i] if i < 26 else str(i)), item.get("text"))
+                )
             else:
                 items.append((LETTERS[i] if i < 26 else str(i), item))
     else:
         raise DataError(file, "expected an object or a list of options", line=line, field="options")
     if not 2 <= len(items) <= 26:
-        raise DataError(file, f"expected 2 to 26 options, got {len(items)}", line=line, field="options")
+        raise DataError(
+            file, f"expected 2 to 26 options, got {len(items)}", line=line, field="options"
+        )
     labels, texts = [], []
     for i, (label, text) in enumerate(items):
         if not isinstance(text, str | int | float) or not str(text).strip():
@@ -148,7 +158,9 @@ def _options_from(value: Any, file: Path, line: int) -> tuple[list[str], list[st
 def _gold_position(labels: list[str], gold: str, file: Path, line: int, field: str) -> int:
     if gold in labels:
         return labels.index(gold)
-    raise DataError(file, f"{gold!r} is not one of the option labels {labels}", line=line, field=field)
+    raise DataError(
+        file, f"{gold!r} is not one of the option labels {labels}", line=line, field=field
+    )
 
 
 def _where(file: Path, line: int) -> dict[str, Any]:
@@ -166,13 +178,23 @@ def read_canonical(file: Path) -> Iterator[QARecord]:
             gold_raw = _text(obj, "answer", file, line)
             pos = _gold_position(labels, gold_raw, file, line, "answer")
             yield QARecord(
-                rid, question, tuple(texts), LETTERS[pos], source_labels=tuple(labels), meta=_where(file, line)
+                rid,
+                question,
+                tuple(texts),
+                LETTERS[pos],
+                source_labels=tuple(labels),
+                meta=_where(file, line),
             )
         elif "answers" in obj or "answer" in obj:
             aliases = _aliases(obj, file, line)
             yield QARecord(rid, question, aliases=aliases, meta=_where(file, line))
         else:
-            raise DataError(file, "a record needs 'options' + 'answer' (MCQA) or 'answers' (OEQA)", line=line, field="answers")
+            raise DataError(
+                file,
+                "a record needs 'options' + 'answer' (MCQA) or 'answers' (OEQA)",
+                line=line,
+                field="answers",
+            )
 
 
 def _aliases(obj: dict[str, Any], file: Path, line: int) -> tuple[str, ...]:
@@ -180,7 +202,9 @@ def _aliases(obj: dict[str, Any], file: Path, line: int) -> tuple[str, ...]:
     if raw is None:
         return (_text(obj, "answer", file, line),)
     if not isinstance(raw, list) or not raw:
-        raise DataError(file, "expected a non-empty list of answer strings", line=line, field="answers")
+        raise DataError(
+            file, "expected a non-empty list of answer strings", line=line, field="answers"
+        )
     out = []
     for i, alias in enumerate(raw):
         if not isinstance(alias, str | int | float) or not str(alias).strip():
@@ -195,7 +219,9 @@ def read_arc(file: Path) -> Iterator[QARecord]:
         rid = _text(obj, "id", file, line)
         q = obj.get("question")
         if not isinstance(q, dict):
-            raise DataError(file, "expected an object with 'stem' and 'choices'", line=line, field="question")
+            raise DataError(
+                file, "expected an object with 'stem' and 'choices'", line=line, field="question"
+            )
         stem = _text(q, "stem", file, line, where="question.")
         if not isinstance(q.get("choices"), list):
             raise DataError(file, "missing or not a list", line=line, field="question.choices")
@@ -203,7 +229,12 @@ def read_arc(file: Path) -> Iterator[QARecord]:
         gold_raw = _text(obj, "answerKey", file, line)
         pos = _gold_position(labels, gold_raw, file, line, "answerKey")
         yield QARecord(
-            rid, stem, tuple(texts), LETTERS[pos], source_labels=tuple(labels), meta=_where(file, line)
+            rid,
+            stem,
+            tuple(texts),
+            LETTERS[pos],
+            source_labels=tuple(labels),
+            meta=_where(file, line),
         )
 
 
@@ -228,14 +259,28 @@ def _chat_content(message: dict[str, Any], file: Path, line: int, where: str) ->
     if isinstance(content, list):
         texts = []
         for i, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise DataError(file, "only text content parts are supported", line=line, field=f"{where}.content[{i}]")
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise DataError(
+                    file,
+                    "only text content parts are supported",
+                    line=line,
+                    field=f"{where}.content[{i}]",
+                )
             texts.append(part["text"])
         content = "".join(texts)
     if content is None:
         raise DataError(file, "missing", line=line, field=f"{where}.content")
     if not isinstance(content, str):
-        raise DataError(file, f"expected text, got {type(content).__name__}", line=line, field=f"{where}.content")
+        raise DataError(
+            file,
+            f"expected text, got {type(content).__name__}",
+            line=line,
+            field=f"{where}.content",
+        )
     if not content.strip():
         raise DataError(file, "empty", line=line, field=f"{where}.content")
     return content.strip()
@@ -251,20 +296,39 @@ def read_openai_chat(file: Path) -> Iterator[QARecord]:
     for line, obj in _json_lines(file):
         for key in ("tools", "functions"):
             if key in obj:
-                raise DataError(file, "tool and function definitions are not supported; each line must be one question and its answer", line=line, field=key)
+                raise DataError(
+                    file,
+                    "tool and function definitions are not supported; each line must be one question and its answer",
+                    line=line,
+                    field=key,
+                )
         messages = obj.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise DataError(file, "expected a non-empty list of chat messages", line=line, field="messages")
+            raise DataError(
+                file, "expected a non-empty list of chat messages", line=line, field="messages"
+            )
         roles = []
         for i, message in enumerate(messages):
             where = f"messages[{i}]"
             if not isinstance(message, dict):
-                raise DataError(file, f"expected a message object, got {type(message).__name__}", line=line, field=where)
+                raise DataError(
+                    file,
+                    f"expected a message object, got {type(message).__name__}",
+                    line=line,
+                    field=where,
+                )
             role = message.get("role")
             if role in ("tool", "function") or any(k in message for k in _CHAT_TOOL_KEYS):
-                raise DataError(file, "tool and function calls are not supported", line=line, field=where)
+                raise DataError(
+                    file, "tool and function calls are not supported", line=line, field=where
+                )
             if role not in ("system", "developer", "user", "assistant"):
-                raise DataError(file, f"unknown role {role!r}; expected system, user or assistant", line=line, field=f"{where}.role")
+                raise DataError(
+                    file,
+                    f"unknown role {role!r}; expected system, user or assistant",
+                    line=line,
+                    field=f"{where}.role",
+                )
             roles.append(role)
         # Leading system/developer messages are allowed and dropped: GRAIT writes its own prompt.
         start = 0
@@ -272,18 +336,45 @@ def read_openai_chat(file: Path) -> Iterator[QARecord]:
             start += 1
         turns = roles[start:]
         if not turns:
-            raise DataError(file, "only a system message; expected a user question and an assistant answer", line=line, field="messages")
+            raise DataError(
+                file,
+                "only a system message; expected a user question and an assistant answer",
+                line=line,
+                field="messages",
+            )
         if turns[0] != "user":
-            raise DataError(file, f"expected the user question after the system message, got {turns[0]!r}", line=line, field=f"messages[{start}].role")
+            raise DataError(
+                file,
+                f"expected the user question after the system message, got {turns[0]!r}",
+                line=line,
+                field=f"messages[{start}].role",
+            )
         if len(turns) == 1:
-            raise DataError(file, "the user question has no assistant answer", line=line, field="messages")
+            raise DataError(
+                file, "the user question has no assistant answer", line=line, field="messages"
+            )
         if turns[1] != "assistant":
-            raise DataError(file, "expected exactly one user question followed by one assistant answer", line=line, field=f"messages[{start + 1}].role")
+            raise DataError(
+                file,
+                "expected exactly one user question followed by one assistant answer",
+                line=line,
+                field=f"messages[{start + 1}].role",
+            )
         if len(turns) > 2:
-            raise DataError(file, f"multi-turn conversations are not supported ({len(turns)} turns); expected one question and one answer", line=line, field=f"messages[{start + 2}]")
+            raise DataError(
+                file,
+                f"multi-turn conversations are not supported ({len(turns)} turns); expected one question and one answer",
+                line=line,
+                field=f"messages[{start + 2}]",
+            )
         answer_message = messages[start + 1]
         if answer_message.get("weight", 1) != 1:
-            raise DataError(file, "an answer with weight 0 trains nothing; remove the line or set weight 1", line=line, field=f"messages[{start + 1}].weight")
+            raise DataError(
+                file,
+                "an answer with weight 0 trains nothing; remove the line or set weight 1",
+                line=line,
+                field=f"messages[{start + 1}].weight",
+            )
         question = _chat_content(messages[start], file, line, f"messages[{start}]")
         answer = _chat_content(answer_message, file, line, f"messages[{start + 1}]")
         if len(answer) > CHAT_MAX_ANSWER_CHARS:
@@ -315,7 +406,9 @@ def read_mmlu(path: Path) -> Iterator[QARecord]:
             if header is None:
                 raise DataError(file, "empty file", line=1)
             if [h.strip() for h in header] != MMLU_HEADER:
-                raise DataError(file, f"expected header {','.join(MMLU_HEADER)}, got {','.join(header)}", line=1)
+                raise DataError(
+                    file, f"expected header {','.join(MMLU_HEADER)}, got {','.join(header)}", line=1
+                )
             end = reader.line_num
             for row in reader:
                 # A quoted field may span lines: report the line the row starts on.
@@ -323,7 +416,9 @@ def read_mmlu(path: Path) -> Iterator[QARecord]:
                 if not any(cell.strip() for cell in row):
                     continue
                 if len(row) != len(MMLU_HEADER):
-                    raise DataError(file, f"expected {len(MMLU_HEADER)} columns, got {len(row)}", line=line)
+                    raise DataError(
+                        file, f"expected {len(MMLU_HEADER)} columns, got {len(row)}", line=line
+                    )
                 obj = dict(zip(MMLU_HEADER, row))
                 options = []
                 for label in "ABCD":
@@ -333,7 +428,9 @@ def read_mmlu(path: Path) -> Iterator[QARecord]:
                     options.append(text)
                 target = obj["target"].strip()
                 if target not in "ABCD" or len(target) != 1:
-                    raise DataError(file, f"{target!r} is not one of A, B, C, D", line=line, field="target")
+                    raise DataError(
+                        file, f"{target!r} is not one of A, B, C, D", line=line, field="target"
+                    )
                 question = _text(obj, "question", file, line)
                 rid = obj["id"].strip() or f"{file.stem}-{line}"
                 meta = {"subject": file.stem, **_where(file, line)}
@@ -360,7 +457,9 @@ def detect_format(path: Path) -> str:
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as exc:
-                raise DataError(path, f"invalid JSON ({exc.msg} at column {exc.colno})", line=number) from None
+                raise DataError(
+                    path, f"invalid JSON ({exc.msg} at column {exc.colno})", line=number
+                ) from None
             if not isinstance(obj, dict):
                 raise DataError(path, "expected a JSON object per line", line=number)
             if "messages" in obj:
@@ -388,12 +487,16 @@ def load_records(path: str | Path, format: str = "auto") -> list[QARecord]:
     for rec in records:
         if rec.id in seen:
             where = rec.meta.get("file", path)
-            raise DataError(where, f"duplicate id {rec.id!r}", line=rec.meta.get("line"), field="id")
+            raise DataError(
+                where, f"duplicate id {rec.id!r}", line=rec.meta.get("line"), field="id"
+            )
         seen.add(rec.id)
     return records
 
 
-def take(records: list[QARecord], *, seed: int, shuffle: bool, offset: int, limit: int | None) -> list[QARecord]:
+def take(
+    records: list[QARecord], *, seed: int, shuffle: bool, offset: int, limit: int | None
+) -> list[QARecord]:
     """Deterministic excerpt: shuffle with the seed, then slice."""
     out = list(records)
     if shuffle:

@@ -40,12 +40,19 @@ def answer_and_score(
     batch_size: int,
     tick: Callable[[int], None] | None = None,
 ) -> EvalRun:
-    prompts = [render_prompt(tokenizer, question_message(r, allow_refusal=allow_refusal, refusal=refusal)) for r in records]
-    responses = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, tick=tick)
+    prompts = [
+        render_prompt(tokenizer, question_message(r, allow_refusal=allow_refusal, refusal=refusal))
+        for r in records
+    ]
+    responses = generate(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, tick=tick
+    )
     return EvalRun(responses, [score_response(r, text) for r, text in zip(records, responses)])
 
 
-def model_entry(name: str, run: EvalRun, base: EvalRun, *, n_boot: int = 1000, seed: int = 0) -> dict[str, object]:
+def model_entry(
+    name: str, run: EvalRun, base: EvalRun, *, n_boot: int = 1000, seed: int = 0
+) -> dict[str, object]:
     """A report row: rates, THS against the base model, and bootstrap 95% intervals.
 
     The intervals resample questions, pairing each with the base model's answer to the same
@@ -53,7 +60,9 @@ def model_entry(name: str, run: EvalRun, base: EvalRun, *, n_boot: int = 1000, s
     """
     r = run.rates
     ci: dict[str, object] = {
-        key: bootstrap_ci(run.outcomes, lambda rates, k=key: getattr(rates, k), n_boot=n_boot, seed=seed)
+        key: bootstrap_ci(
+            run.outcomes, lambda rates, k=key: getattr(rates, k), n_boot=n_boot, seed=seed
+        )
         for key in ("correct", "wrong", "refused")
     }
     ci["ths"] = bootstrap_ci(run.outcomes, ths, base=base.outcomes, n_boot=n_boot, seed=seed)

@@ -20,7 +20,9 @@ STAGES: tuple[str, ...] = (
     "evaluation",
 )
 
-EventKind = Literal["stage_started", "progress", "stage_completed", "stage_skipped", "metrics", "warning"]
+EventKind = Literal[
+    "stage_started", "progress", "stage_completed", "stage_skipped", "metrics", "warning"
+]
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,9 @@ class LoraGradientCapture:
         self.n_params = sum(m.weight.numel() for _, m in self.modules)
         self._inputs: dict[str, torch.Tensor] = {}
         self._grads: dict[str, torch.Tensor] = {}
-        self._handles = [mod.register_forward_hook(self._forward_hook(name)) for name, mod in self.modules]
+        self._handles = [
+            mod.register_forward_hook(self._forward_hook(name)) for name, mod in self.modules
+        ]
 
     @property
     def param_names(self) -> list[str]:
@@ -182,10 +184,12 @@ class SparseProjection:
         self.dim = dim
         self.scale = 1.0 / math.sqrt(blocks)
         self.index = [
-            (torch.randint(0, width, (n_params,), generator=gen) + j * width).to(device) for j in range(blocks)
+            (torch.randint(0, width, (n_params,), generator=gen) + j * width).to(device)
+            for j in range(blocks)
         ]
         self.sign = [
-            (torch.randint(0, 2, (n_params,), generator=gen).float() * 2 - 1).to(device) for _ in range(blocks)
+            (torch.randint(0, 2, (n_params,), generator=gen).float() * 2 - 1).to(device)
+            for _ in range(blocks)
         ]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,7 +210,9 @@ class DenseProjection:
         return x @ self.matrix
 
 
-def make_projection(kind: str, n_params: int, dim: int, *, blocks: int, seed: int, device: torch.device):
+def make_projection(
+    kind: str, n_params: int, dim: int, *, blocks: int, seed: int, device: torch.device
+):
     if kind == "dense":
         return DenseProjection(n_params, dim, seed=seed, device=device)
     return SparseProjection(n_params, dim, blocks=blocks, seed=seed, device=device)
@@ -228,8 +234,12 @@ class FeatureStore:
 
     def create(self, name: str, rows: int, dim: int, *, row_ids: Sequence[int]) -> np.memmap:
         self.root.mkdir(parents=True, exist_ok=True)
-        self._meta_path(name).write_text(json.dumps({"rows": rows, "dim": dim, "row_ids": list(row_ids)}))
-        return np.lib.format.open_memmap(self.root / f"{name}.npy", mode="w+", dtype=np.float16, shape=(rows, dim))
+        self._meta_path(name).write_text(
+            json.dumps({"rows": rows, "dim": dim, "row_ids": list(row_ids)})
+        )
+        return np.lib.format.open_memmap(
+            self.root / f"{name}.npy", mode="w+", dtype=np.float16, shape=(rows, dim)
+        )
 
     def open(self, name: str) -> np.memmap:
         return np.load(self.root / f"{name}.npy", mmap_mode="r")
@@ -274,8 +284,14 @@ def compute_features(
         with torch.no_grad():
             out_raw[idx] = l2_normalise(projection(grads)).cpu().numpy().astype(np.float16)
             if out_pre is not None and preconditioner is not None:
-                out_pre[idx] = l2_normalise(projection(preconditioner(grads))).cpu().numpy().astype(np.float16)
+                out_pre[idx] = (
+                    l2_normalise(projection(preconditioner(grads))).cpu().numpy().astype(np.float16)
+                )
         done += len(idx)
         if tick:
             tick(done)
-    return {"rows": len(items), "zero_gradient_rows": zero_rows, "mean_gradient_norm": float(np.mean(norms)) if norms else 0.0}
+    return {
+        "rows": len(items),
+        "zero_gradient_rows": zero_rows,
+        "mean_gradient_norm": float(np.mean(norms)) if norms else 0.0,
+    }

@@ -136,7 +136,8 @@ def score_options_letter(
     """Per record, the next-token probability of each option letter, normalised over options."""
     device = next(model.parameters()).device
     prompts = [
-        render_prompt(tokenizer, question_message(r, allow_refusal=False, refusal=refusal)) for r in records
+        render_prompt(tokenizer, question_message(r, allow_refusal=False, refusal=refusal))
+        for r in records
     ]
     out: list[np.ndarray] = []
     done = 0
@@ -149,12 +150,20 @@ def score_options_letter(
         for row, e in enumerate(enc):
             ids[row, width - len(e) :] = torch.tensor(e)
             mask[row, width - len(e) :] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, -1, :].float()
+        logits = (
+            model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, -1, :].float()
+        )
         probs = torch.softmax(logits, dim=-1).cpu()
         for row, i in enumerate(chunk):
             rec = records[i]
             p = np.array(
-                [max((probs[row, t].item() for t in letter_token_ids(tokenizer, lab)), default=0.0) for lab in rec.labels]
+                [
+                    max(
+                        (probs[row, t].item() for t in letter_token_ids(tokenizer, lab)),
+                        default=0.0,
+                    )
+                    for lab in rec.labels
+                ]
             )
             out.append(p / p.sum() if p.sum() > 0 else np.full(len(p), 1.0 / len(p)))
         done += len(chunk)
@@ -176,12 +185,20 @@ def query_mcqa(
     if scorer == "cloze":
         dists = score_options_cloze(model, tokenizer, records, batch_size=cfg.batch_size, tick=tick)
     else:
-        dists = score_options_letter(model, tokenizer, records, batch_size=cfg.batch_size, refusal=refusal, tick=tick)
+        dists = score_options_letter(
+            model, tokenizer, records, batch_size=cfg.batch_size, refusal=refusal, tick=tick
+        )
     results = []
     for rec, p in zip(records, dists):
         c = float(p[rec.gold_index])
         results.append(
-            KnowledgeResult(rec.id, c, certainty_from_distribution(p), rec.labels[int(np.argmax(p))], c >= cfg.tau)
+            KnowledgeResult(
+                rec.id,
+                c,
+                certainty_from_distribution(p),
+                rec.labels[int(np.argmax(p))],
+                c >= cfg.tau,
+            )
         )
     return results
 
@@ -197,8 +214,13 @@ def query_oeqa(
     tick: Tick | None = None,
 ) -> list[KnowledgeResult]:
     """Greedy answer + k samples per question; c = share judged correct, certainty = agreement."""
-    prompts = [render_prompt(tokenizer, question_message(r, allow_refusal=False, refusal=refusal)) for r in records]
-    greedy = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    prompts = [
+        render_prompt(tokenizer, question_message(r, allow_refusal=False, refusal=refusal))
+        for r in records
+    ]
+    greedy = generate(
+        model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
+    )
     torch.manual_seed(seed)
     sampled = generate(
         model,
@@ -245,4 +267,6 @@ def split_known_unknown(results: Sequence[KnowledgeResult], cfg: KnowledgeConfig
         n_idk = max(1, round(n_ik / cfg.ik_idk_ratio)) if n_ik else len(idk)
     else:
         n_idk = cfg.n_idk
-    return Split(ik_all=ik, idk_all=idk, ik_kept=sorted(ranked[:n_ik]), n_idk_budget=min(n_idk, len(idk)))
+    return Split(
+        ik_all=ik, idk_all=idk, ik_kept=sorted(ranked[:n_ik]), n_idk_budget=min(n_idk, len(idk))
+    )

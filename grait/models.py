@@ -82,7 +82,9 @@ def prepare_model(alias: str, *, force: bool = False) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     log.info("converting %s from GGUF (one time, ~30 s)", alias)
     tokenizer = AutoTokenizer.from_pretrained(str(pkg), gguf_file=spec.gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=spec.gguf_file, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(pkg), gguf_file=spec.gguf_file, dtype=torch.float32
+    )
     _clear_quantization_flags(model)
     # Write beside the target and rename, so a crash never leaves a half-written model.
     tmp = target.with_name(target.name + ".tmp")

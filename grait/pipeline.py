@@ -107,7 +107,13 @@ def stages_for(method: str) -> tuple[str, ...]:
 class _Run:
     """State shared by the stages of one pipeline invocation."""
 
-    def __init__(self, config: JobConfig, run_dir: Path, progress: ProgressCallback, should_cancel: CancelCheck):
+    def __init__(
+        self,
+        config: JobConfig,
+        run_dir: Path,
+        progress: ProgressCallback,
+        should_cancel: CancelCheck,
+    ):
         self.config = config
         self.run_dir = run_dir
         self.emit = progress
@@ -119,7 +125,13 @@ class _Run:
 
     def _load(self, spec: Any) -> list[QARecord]:
         records = load_records(spec.path, spec.format)
-        return take(records, seed=self.config.seed, shuffle=spec.shuffle, offset=spec.offset, limit=spec.limit)
+        return take(
+            records,
+            seed=self.config.seed,
+            shuffle=spec.shuffle,
+            offset=spec.offset,
+            limit=spec.limit,
+        )
 
     @property
     def model(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -142,7 +154,11 @@ class _Run:
 
     def encode(self, record: QARecord, target: str) -> Any:
         return encode_training_pair(
-            self.model[1], record, target, refusal=self.config.refusal, max_length=self.config.training.max_length
+            self.model[1],
+            record,
+            target,
+            refusal=self.config.refusal,
+            max_length=self.config.training.max_length,
         )
 
 
@@ -158,12 +174,20 @@ def _stage_knowledge(run: _Run, out: Path) -> dict[str, Any]:
     scorer = choose_scorer(cfg.knowledge.scorer, count_parameters(model))
     results: dict[str, KnowledgeResult] = {}
     if mcqa:
-        for r in query_mcqa(model, tok, mcqa, cfg.knowledge, scorer=scorer, refusal=cfg.refusal, tick=tick):
+        for r in query_mcqa(
+            model, tok, mcqa, cfg.knowledge, scorer=scorer, refusal=cfg.refusal, tick=tick
+        ):
             results[r.id] = r
     if oeqa:
         offset = len(mcqa)
         for r in query_oeqa(
-            model, tok, oeqa, cfg.knowledge, refusal=cfg.refusal, seed=cfg.seed, tick=lambda d: tick(offset + d)
+            model,
+            tok,
+            oeqa,
+            cfg.knowledge,
+            refusal=cfg.refusal,
+            seed=cfg.seed,
+            tick=lambda d: tick(offset + d),
         ):
             results[r.id] = r
     ordered = [results[r.id] for r in run.train]
@@ -197,7 +221,9 @@ def _stage_warmup(run: _Run, out: Path) -> dict[str, Any]:
     n = len(run.train)
     size = min(n, max(cfg.warmup.min_samples, round(cfg.warmup.fraction * n)))
     chosen = sorted(random.Random(cfg.seed).sample(range(n), size))
-    examples = [WeightedExample(run.encode(run.train[i], _rait_target(run, i, split)), 1.0) for i in chosen]
+    examples = [
+        WeightedExample(run.encode(run.train[i], _rait_target(run, i, split)), 1.0) for i in chosen
+    ]
     settings = TrainSettings(
         epochs=cfg.warmup.epochs,
         learning_rate=cfg.warmup.learning_rate,
@@ -240,7 +266,9 @@ def _stage_features(run: _Run, out: Path) -> dict[str, Any]:
     van_items = [run.encode(run.train[i], run.train[i].answer_text) for i in kept]
     total = len(idk_items) + len(van_items)
     tick = run.ticker("gradient_features", total)
-    with attached_lora(model, adapter_dir=run.stage_dir("warmup") / "adapter", trainable=True) as peft_model:
+    with attached_lora(
+        model, adapter_dir=run.stage_dir("warmup") / "adapter", trainable=True
+    ) as peft_model:
         peft_model.eval()  # no dropout: features must be deterministic
         capture = LoraGradientCapture(peft_model)
         try:
@@ -252,8 +280,14 @@ def _stage_features(run: _Run, out: Path) -> dict[str, Any]:
                 seed=cfg.seed,
                 device=run.runtime.device,
             )
-            pre = Preconditioner(cfg.features.preconditioner, state, run.runtime.device, cfg.features.adam_eps)
-            common = {"pad_id": tok.pad_token_id, "batch_size": cfg.features.batch_size, "projection": projection}
+            pre = Preconditioner(
+                cfg.features.preconditioner, state, run.runtime.device, cfg.features.adam_eps
+            )
+            common = {
+                "pad_id": tok.pad_token_id,
+                "batch_size": cfg.features.batch_size,
+                "projection": projection,
+            }
             stats_idk = compute_features(
                 peft_model,
                 capture,
@@ -306,7 +340,11 @@ def _stage_selection(run: _Run, out: Path) -> dict[str, Any]:
         weights = np.ones(len(picked))
     else:
         store = FeatureStore(run.stage_dir("gradient_features"))
-        idk_pre, idk_raw, van_raw = store.open("idk_pre"), store.open("idk_raw"), store.open("van_raw")
+        idk_pre, idk_raw, van_raw = (
+            store.open("idk_pre"),
+            store.open("idk_raw"),
+            store.open("van_raw"),
+        )
         block = cfg.selection.block_rows
         result = select_idk_samples(
             RowView(idk_pre, idk_rows),
@@ -330,7 +368,11 @@ def _stage_selection(run: _Run, out: Path) -> dict[str, Any]:
         if cfg.method == "grait":
             w = cfg.weighting
             weights = adaptive_weights(
-                result.i_idk[picked], result.i_ik[picked], temperature=w.temperature, w_min=w.w_min, w_max=w.w_max
+                result.i_idk[picked],
+                result.i_ik[picked],
+                temperature=w.temperature,
+                w_min=w.w_min,
+                w_max=w.w_max,
             )
         else:
             weights = np.ones(len(picked))
@@ -339,7 +381,12 @@ def _stage_selection(run: _Run, out: Path) -> dict[str, Any]:
     rows = []
     for cand, row in enumerate(idk_rows):
         rec = run.train[row]
-        entry: dict[str, Any] = {"id": rec.id, "row": row, "selected": cand in rank, "rank": rank.get(cand)}
+        entry: dict[str, Any] = {
+            "id": rec.id,
+            "row": row,
+            "selected": cand in rank,
+            "rank": rank.get(cand),
+        }
         for name, values in terms.items():
             value = float(values[cand])
             entry[name] = None if np.isnan(value) else value
@@ -347,7 +394,9 @@ def _stage_selection(run: _Run, out: Path) -> dict[str, Any]:
         rows.append(entry)
     write_jsonl(out / "selection.jsonl", rows)
     chosen = [idk_rows[c] for c in picked]
-    (out / "selected.json").write_text(json.dumps({"rows": chosen, "weights": [float(x) for x in weights]}))
+    (out / "selected.json").write_text(
+        json.dumps({"rows": chosen, "weights": [float(x) for x in weights]})
+    )
     metrics: dict[str, Any] = {"candidates": n_cand, "selected": len(chosen)}
     if len(weights):
         metrics.update(weight_min=float(np.min(weights)), weight_max=float(np.max(weights)))
@@ -377,7 +426,13 @@ def _stage_training(run: _Run, out: Path) -> dict[str, Any]:
     write_jsonl(
         out / "train_set.jsonl",
         (
-            {"id": run.train[i].id, "question": run.train[i].question, "kind": kind, "target": target, "weight": w}
+            {
+                "id": run.train[i].id,
+                "question": run.train[i].question,
+                "kind": kind,
+                "target": target,
+                "weight": w,
+            }
             for i, kind, target, w in plan
         ),
     )
@@ -398,7 +453,9 @@ def _stage_training(run: _Run, out: Path) -> dict[str, Any]:
 
     def on_loss(step: int, loss: float) -> None:
         losses.append(loss)
-        run.emit(PipelineEvent("metrics", "training", done=step, data={"step": step, "train_loss": loss}))
+        run.emit(
+            PipelineEvent("metrics", "training", done=step, data={"step": step, "train_loss": loss})
+        )
 
     with attached_lora(model, spec=cfg.lora) as peft_model:
         train_weighted(
@@ -407,7 +464,9 @@ def _stage_training(run: _Run, out: Path) -> dict[str, Any]:
             examples,
             settings,
             work_dir=out / "hf",
-            on_step=lambda d, total: run.emit(PipelineEvent("progress", "training", done=d, total=total)),
+            on_step=lambda d, total: run.emit(
+                PipelineEvent("progress", "training", done=d, total=total)
+            ),
             on_loss=on_loss,
             should_cancel=run.should_cancel,
         )
@@ -461,12 +520,20 @@ def _stage_evaluation(run: _Run, out: Path, timings: dict[str, float]) -> dict[s
     evals = []
     for name, recs in run.evals:
         base_run = runs[name]["base"]
-        entries = [model_entry(label, r, base_run, seed=cfg.seed) for label, r in runs[name].items()]
+        entries = [
+            model_entry(label, r, base_run, seed=cfg.seed) for label, r in runs[name].items()
+        ]
         evals.append({"name": name, "kind": recs[0].kind, "models": entries})
         write_jsonl(
             out / f"responses_{_safe(name)}.jsonl",
             (
-                {"id": rec.id, **{label: {"response": r.responses[i], "outcome": r.outcomes[i]} for label, r in runs[name].items()}}
+                {
+                    "id": rec.id,
+                    **{
+                        label: {"response": r.responses[i], "outcome": r.outcomes[i]}
+                        for label, r in runs[name].items()
+                    },
+                }
                 for i, rec in enumerate(recs)
             ),
         )
@@ -490,12 +557,16 @@ def _notes(run: _Run, evals: list[dict[str, Any]]) -> list[str]:
     ]
     for e in evals:
         if e["models"][0]["wrong"] == 0:
-            notes.append(f"{e['name']}: the base model made no wrong answers, so THS is undefined (n/a).")
+            notes.append(
+                f"{e['name']}: the base model made no wrong answers, so THS is undefined (n/a)."
+            )
     train_ids = {r.id for r in run.train}
     for name, recs in run.evals:
         overlap = sum(1 for r in recs if r.id in train_ids)
         if overlap:
-            notes.append(f"{name}: {overlap} of {len(recs)} eval questions also appear in the training set.")
+            notes.append(
+                f"{name}: {overlap} of {len(recs)} eval questions also appear in the training set."
+            )
     return notes
 
 
@@ -521,17 +592,26 @@ def run_pipeline(
     digest = config_hash(config)
     manifest = _read_manifest(run_dir)
     if manifest is None:
-        manifest = {"version": FORMAT_VERSION, "config_hash": digest, "config": config.model_dump(mode="json"), "stages": {}}
+        manifest = {
+            "version": FORMAT_VERSION,
+            "config_hash": digest,
+            "config": config.model_dump(mode="json"),
+            "stages": {},
+        }
         _write_manifest(run_dir, manifest)
     elif manifest.get("config_hash") != digest:
-        raise RunDirConflict(f"{run_dir} holds a run of a different job spec; use a new run directory")
+        raise RunDirConflict(
+            f"{run_dir} holds a run of a different job spec; use a new run directory"
+        )
 
     run = _Run(config, run_dir, emit, cancel)
     wanted = stages_for(config.method)
     timings = {s: manifest["stages"][s]["seconds"] for s in STAGES if s in manifest["stages"]}
     for index, stage in enumerate(STAGES):
         if stage not in wanted:
-            emit(PipelineEvent("stage_skipped", stage, message=f"not used by method {config.method}"))
+            emit(
+                PipelineEvent("stage_skipped", stage, message=f"not used by method {config.method}")
+            )
             continue
         if stage == "evaluation" and not run.evals:
             emit(PipelineEvent("stage_skipped", stage, message="no eval datasets given"))
@@ -553,7 +633,11 @@ def run_pipeline(
             metrics = _STAGE_FUNCS[stage](run, out)
         seconds = round(time.perf_counter() - started, 2)
         timings[stage] = seconds
-        manifest["stages"][stage] = {"seconds": seconds, "metrics": metrics, "completed_at": time.time()}
+        manifest["stages"][stage] = {
+            "seconds": seconds,
+            "metrics": metrics,
+            "completed_at": time.time(),
+        }
         _write_manifest(run_dir, manifest)
         emit(PipelineEvent("metrics", stage, data=metrics))
         emit(PipelineEvent("stage_completed", stage, message=f"{stage} done in {seconds:.1f}s"))
@@ -577,7 +661,9 @@ def _result(run_dir: Path, timings: dict[str, float]) -> PipelineResult:
     artifacts = {"adapter": adapter, "train_set": run_dir / "training" / "train_set.jsonl"}
     if report:
         artifacts.update(
-            report_json=report_path, report_md=report_dir / "report.md", report_plot=report_dir / "pw_pc.png"
+            report_json=report_path,
+            report_md=report_dir / "report.md",
+            report_plot=report_dir / "pw_pc.png",
         )
     selection = run_dir / "selection" / "selection.jsonl"
     if selection.exists():
@@ -587,5 +673,3 @@ def _result(run_dir: Path, timings: dict[str, float]) -> PipelineResult:
 
 def load_train_set(run_dir: Path) -> list[dict[str, Any]]:
     return read_jsonl(Path(run_dir) / "training" / "train_set.jsonl")
-
-

@@ -15,7 +15,9 @@ from transformers import PreTrainedTokenizerBase
 
 from grait.data import QARecord
 
-MCQA_INSTRUCTION = "Answer the following multiple-choice question with the letter of the correct option."
+MCQA_INSTRUCTION = (
+    "Answer the following multiple-choice question with the letter of the correct option."
+)
 OEQA_INSTRUCTION = "Answer the following question with a short answer."
 CLOZE_INSTRUCTION = "Answer the following question."
 REFUSAL_INSTRUCTION = 'If you do not know the answer, reply "{refusal}"'
@@ -24,7 +26,9 @@ REFUSAL_INSTRUCTION = 'If you do not know the answer, reply "{refusal}"'
 def question_message(record: QARecord, *, allow_refusal: bool, refusal: str) -> str:
     """The user turn: instruction, question, lettered options, optional refusal clause."""
     if record.kind == "mcqa":
-        options = "\n".join(f"{label}. {text}" for label, text in zip(record.labels, record.options))
+        options = "\n".join(
+            f"{label}. {text}" for label, text in zip(record.labels, record.options)
+        )
         body = f"{MCQA_INSTRUCTION}\n\nQuestion: {record.question}\n{options}"
     else:
         body = f"{OEQA_INSTRUCTION}\n\nQuestion: {record.question}"
@@ -99,7 +103,9 @@ class Batch:
     labels: torch.Tensor
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        return Batch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device)
+        )
 
 
 def collate(items: Sequence[Encoded], pad_id: int) -> Batch:
@@ -150,7 +156,9 @@ def answer_logits(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, t
     if start > 0:
         keep = torch.arange(start, width, device=batch.input_ids.device)
         try:
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
+            logits = model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep
+            ).logits
         except TypeError:
             logits = None
         if logits is not None:

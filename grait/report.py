@@ -137,7 +137,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         (
             "P_c, P_w, P_r: fractions correct, wrong, refused. THS = P_c − P_w·P_c0/P_w0 against "
             "the first row (the base model); n/a where P_w0 = 0."
-            + (" Brackets: bootstrap 95% intervals over questions." if _has_intervals(report) else "")
+            + (
+                " Brackets: bootstrap 95% intervals over questions."
+                if _has_intervals(report)
+                else ""
+            )
         ),
     ]
     for ev in report["evals"]:

@@ -90,13 +90,22 @@ class _Progress(TrainerCallback):
         self.should_cancel = should_cancel
         self.cancelled = False
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
         self.on_step(state.global_step, state.max_steps)
         if self.should_cancel():
             self.cancelled = True
             control.should_training_stop = True
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kw: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict | None = None,
+        **kw: Any,
+    ) -> None:
         if logs and "loss" in logs:
             self.on_loss(state.global_step, float(logs["loss"]))
 
@@ -127,7 +136,11 @@ def lora_config(spec: LoraConfigSpec) -> LoraConfig:
 
 @contextmanager
 def attached_lora(
-    base: PreTrainedModel, *, spec: LoraConfigSpec | None = None, adapter_dir: Path | None = None, trainable: bool = True
+    base: PreTrainedModel,
+    *,
+    spec: LoraConfigSpec | None = None,
+    adapter_dir: Path | None = None,
+    trainable: bool = True,
 ) -> Iterator[PeftModel]:
     """Wrap the (shared, cached) base model with LoRA and always take the LoRA layers off again.
 
@@ -166,7 +179,9 @@ def train_weighted(
     """Run the Trainer; return it so callers can read the optimizer state (warm-up) or logs."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    steps_per_epoch = math.ceil(len(examples) / (settings.batch_size * settings.gradient_accumulation_steps))
+    steps_per_epoch = math.ceil(
+        len(examples) / (settings.batch_size * settings.gradient_accumulation_steps)
+    )
     total_steps = max(1, math.ceil(steps_per_epoch * settings.epochs))
     args = TrainingArguments(
         output_dir=str(work_dir),

@@ -11,7 +11,12 @@ import numpy as np
 
 
 def adaptive_weights(
-    i_idk: np.ndarray, i_ik: np.ndarray, *, temperature: float = 0.05, w_min: float = 0.1, w_max: float = 5.0
+    i_idk: np.ndarray,
+    i_ik: np.ndarray,
+    *,
+    temperature: float = 0.05,
+    w_min: float = 0.1,
+    w_max: float = 5.0,
 ) -> np.ndarray:
     """Loss weights for the selected idk samples; lower alpha (safer sample) -> larger weight."""
     alpha = np.asarray(i_ik, dtype=np.float64) - np.asarray(i_idk, dtype=np.float64)

@@ -12,7 +12,12 @@ from grait.testing import tiny_hyperparameters
 
 def grait(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "grait.cli", *args], capture_output=True, text=True, timeout=600, cwd=cwd, check=False
+        [sys.executable, "-m", "grait.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+        check=False,
     )
 
 
@@ -44,7 +49,9 @@ def test_run_from_a_yaml_spec_prints_adapter_and_report(tiny_model_dir, shared_d
         "method": "grait",
         "base_model": str(tiny_model_dir),
         "train": {"path": str(shared_data / "arc_easy" / "dev.jsonl"), "limit": 16},
-        "evals": [{"path": str(shared_data / "arc_easy" / "test.jsonl"), "limit": 8, "name": "arc"}],
+        "evals": [
+            {"path": str(shared_data / "arc_easy" / "test.jsonl"), "limit": 8, "name": "arc"}
+        ],
         **tiny_hyperparameters(),
     }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
@@ -59,6 +66,8 @@ def test_run_from_a_yaml_spec_prints_adapter_and_report(tiny_model_dir, shared_d
 
 
 def test_run_rejects_an_unknown_knob(tmp_path, shared_data):
-    out = grait("run", "--train", str(shared_data / "arc_easy" / "dev.jsonl"), "--set", "training.epoch=2")
+    out = grait(
+        "run", "--train", str(shared_data / "arc_easy" / "dev.jsonl"), "--set", "training.epoch=2"
+    )
     assert out.returncode == 2
     assert "training.epoch" in out.stderr and "Extra inputs are not permitted" in out.stderr

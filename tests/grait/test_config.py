@@ -7,11 +7,19 @@ from grait.config import JobConfig
 def test_defaults_follow_grait_md():
     cfg = JobConfig.model_validate({"train": {"path": "x.jsonl"}})
     assert cfg.method == "grait"
-    assert (cfg.knowledge.tau, cfg.knowledge.k_samples, cfg.knowledge.ik_idk_ratio) == (0.5, 10, 4.0)
+    assert (cfg.knowledge.tau, cfg.knowledge.k_samples, cfg.knowledge.ik_idk_ratio) == (
+        0.5,
+        10,
+        4.0,
+    )
     assert (cfg.selection.lam, cfg.selection.mu, cfg.selection.rho) == (1.0, 1.0, 0.0)
     assert (cfg.weighting.temperature, cfg.weighting.w_min, cfg.weighting.w_max) == (0.05, 0.1, 5.0)
     assert cfg.warmup.fraction == 0.05 and cfg.features.dim == 8192
-    assert cfg.training.learning_rate == 2e-4 and cfg.training.epochs == 3 and cfg.training.warmup_ratio == 0.03
+    assert (
+        cfg.training.learning_rate == 2e-4
+        and cfg.training.epochs == 3
+        and cfg.training.warmup_ratio == 0.03
+    )
     assert cfg.refusal == "I don't know."
 
 
@@ -28,7 +36,9 @@ def test_defaults_follow_grait_md():
 def test_invalid_specs_name_the_field(patch, where):
     with pytest.raises(ValidationError) as err:
         JobConfig.model_validate({"train": {"path": "x.jsonl"}, **patch})
-    assert where in str(err.value).replace("\n", " ").replace(" ", "") or where.split(".")[0] in str(err.value)
+    assert where in str(err.value).replace("\n", " ").replace(" ", "") or where.split(".")[
+        0
+    ] in str(err.value)
 
 
 def test_yaml_paths_resolve_against_the_spec_folder(tmp_path):

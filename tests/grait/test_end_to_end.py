@@ -19,7 +19,11 @@ def test_grait_on_forty_arc_easy_questions(shared_data, tmp_path):
             "method": "grait",
             "train": {"path": str(shared_data / "arc_easy" / "test.jsonl"), "limit": 40},
             "evals": [
-                {"path": str(shared_data / "arc_easy" / "dev.jsonl"), "limit": 12, "name": "arc_easy-dev"},
+                {
+                    "path": str(shared_data / "arc_easy" / "dev.jsonl"),
+                    "limit": 12,
+                    "name": "arc_easy-dev",
+                },
                 {"path": str(shared_data / "mmlu" / "val"), "limit": 8, "name": "mmlu-val"},
             ],
             "knowledge": {"scorer": "cloze"},
@@ -41,7 +45,9 @@ def test_grait_on_forty_arc_easy_questions(shared_data, tmp_path):
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     knowledge = manifest["stages"]["knowledge_query"]["metrics"]
     assert knowledge["n_ik"] + knowledge["n_idk"] == 40
-    assert manifest["stages"]["gradient_features"]["metrics"]["n_params"] == 460_800  # q,v LoRA r=8 on SmolLM2
+    assert (
+        manifest["stages"]["gradient_features"]["metrics"]["n_params"] == 460_800
+    )  # q,v LoRA r=8 on SmolLM2
     assert manifest["stages"]["gradient_features"]["metrics"]["zero_gradient_rows"] == 0
     base, _ = load_base_model("smollm2-135m-instruct", pick_runtime("cpu"))
     tuned = PeftModel.from_pretrained(base, str(result.adapter_dir))

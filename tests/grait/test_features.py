@@ -24,7 +24,9 @@ from grait.prompts import collate, encode_training_pair, per_sample_answer_loss
 def lora_model(tiny_model_dir):
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    )
     # LoRA starts with B = 0, which zeroes every lora_A gradient; randomise B like a warm-up would.
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -38,11 +40,19 @@ def items(tiny_model_dir):
     tok = load_tokenizer(str(tiny_model_dir))
     records = [
         mcqa("q1", "What is 2 + 2?", ["3", "4"], "B"),
-        mcqa("q2", "Which planet is known as the red planet, the fourth from the sun?", ["Mars", "Venus", "Earth"], "A"),
+        mcqa(
+            "q2",
+            "Which planet is known as the red planet, the fourth from the sun?",
+            ["Mars", "Venus", "Earth"],
+            "A",
+        ),
         mcqa("q3", "Capital of France?", ["Paris", "Rome", "Berlin", "Madrid"], "A"),
     ]
     targets = ["B. 4", "I don't know.", "A. Paris, the largest city of France"]
-    return tok, [encode_training_pair(tok, r, t, refusal="I don't know.", max_length=256) for r, t in zip(records, targets)]
+    return tok, [
+        encode_training_pair(tok, r, t, refusal="I don't know.", max_length=256)
+        for r, t in zip(records, targets)
+    ]
 
 
 def _one_at_a_time(model, capture, item, pad_id):
@@ -75,7 +85,14 @@ def test_capture_ignores_frozen_model_without_lora(tiny_model_dir):
 
 
 def test_adam_preconditioner_matches_the_update_formula():
-    state = AdamState(torch.tensor([0.1, -0.2]), torch.tensor([0.01, 0.04]), step=3, beta1=0.9, beta2=0.999, eps=1e-8)
+    state = AdamState(
+        torch.tensor([0.1, -0.2]),
+        torch.tensor([0.01, 0.04]),
+        step=3,
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+    )
     g = torch.tensor([[0.5, 0.5]])
     got = Preconditioner("adam", state, torch.device("cpu"), 1e-8)(g)
     m = (0.9 * state.exp_avg + 0.1 * g) / (1 - 0.9**4)
@@ -109,7 +126,9 @@ def test_compute_features_writes_unit_float16_rows(lora_model, items, tmp_path):
     store = FeatureStore(tmp_path)
     raw = store.create("raw", 3, 32, row_ids=[0, 1, 2])
     pre = store.create("pre", 3, 32, row_ids=[0, 1, 2])
-    state = AdamState(torch.zeros(capture.n_params), torch.full((capture.n_params,), 1e-4), 2, 0.9, 0.999, 1e-8)
+    state = AdamState(
+        torch.zeros(capture.n_params), torch.full((capture.n_params,), 1e-4), 2, 0.9, 0.999, 1e-8
+    )
     stats = compute_features(
         lora_model,
         capture,
@@ -149,7 +168,13 @@ def test_attached_lora_leaves_the_shared_base_model_as_it_was(tiny_model_dir, tm
     before = {k: v.clone() for k, v in base.state_dict().items()}
     examples = [WeightedExample(encode(tok, "Q: hi", "I don't know.", max_length=64), 1.0)] * 4
     with attached_lora(base, spec=LoraConfigSpec(r=2)) as model:
-        train_weighted(model, tok, examples, TrainSettings(epochs=1, learning_rate=1e-2, batch_size=2), work_dir=Path(tmp_path))
+        train_weighted(
+            model,
+            tok,
+            examples,
+            TrainSettings(epochs=1, learning_rate=1e-2, batch_size=2),
+            work_dir=Path(tmp_path),
+        )
     after = base.state_dict()
     assert after.keys() == before.keys()  # no lora_A / lora_B modules left behind
     assert all(torch.equal(after[k], before[k]) for k in before)

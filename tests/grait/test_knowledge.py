@@ -60,7 +60,9 @@ def test_cloze_scores_are_the_softmax_of_mean_option_log_likelihoods(tiny):
         lls = []
         for e in enc:  # one at a time: no padding can leak into the score
             b = collate([e], tok.pad_token_id)
-            lls.append(-per_sample_answer_loss(model(input_ids=b.input_ids).logits, b.labels).item())
+            lls.append(
+                -per_sample_answer_loss(model(input_ids=b.input_ids).logits, b.labels).item()
+            )
     expected = np.exp(lls) / np.exp(lls).sum()
     assert dists[1] == pytest.approx(expected, abs=1e-4)
     assert [len(d) for d in dists] == [3, 5]
@@ -69,9 +71,13 @@ def test_cloze_scores_are_the_softmax_of_mean_option_log_likelihoods(tiny):
 def test_mcqa_query_marks_known_by_tau(tiny):
     model, tok = tiny
     for scorer in ("cloze", "letter"):
-        results = query_mcqa(model, tok, RECORDS, KnowledgeConfig(tau=0.0), scorer=scorer, refusal="I don't know.")
+        results = query_mcqa(
+            model, tok, RECORDS, KnowledgeConfig(tau=0.0), scorer=scorer, refusal="I don't know."
+        )
         assert all(r.known for r in results)
-        results = query_mcqa(model, tok, RECORDS, KnowledgeConfig(tau=1.0), scorer=scorer, refusal="I don't know.")
+        results = query_mcqa(
+            model, tok, RECORDS, KnowledgeConfig(tau=1.0), scorer=scorer, refusal="I don't know."
+        )
         assert not any(r.known for r in results)
         assert all(0 <= r.correctness <= 1 and 0 <= r.certainty <= 1 for r in results)
 
@@ -83,7 +89,10 @@ def test_oeqa_query_samples_k_answers(tiny):
     [result] = query_oeqa(model, tok, recs, cfg, refusal="I don't know.", seed=0)
     # 4 answers (greedy + 3 samples): correctness and agreement are multiples of 1/4.
     assert result.correctness * 4 == pytest.approx(round(result.correctness * 4))
-    assert result.certainty * 4 == pytest.approx(round(result.certainty * 4)) and result.certainty >= 0.25
+    assert (
+        result.certainty * 4 == pytest.approx(round(result.certainty * 4))
+        and result.certainty >= 0.25
+    )
 
 
 def _k(c: float, cert: float = 0.5) -> KnowledgeResult:
@@ -91,7 +100,18 @@ def _k(c: float, cert: float = 0.5) -> KnowledgeResult:
 
 
 def test_split_keeps_the_most_correct_known_and_budgets_unknowns_four_to_one():
-    results = [_k(0.9), _k(0.6), _k(0.2), _k(0.95), _k(0.1), _k(0.3), _k(0.7), _k(0.0), _k(0.8), _k(0.55)]
+    results = [
+        _k(0.9),
+        _k(0.6),
+        _k(0.2),
+        _k(0.95),
+        _k(0.1),
+        _k(0.3),
+        _k(0.7),
+        _k(0.0),
+        _k(0.8),
+        _k(0.55),
+    ]
     split = split_known_unknown(results, KnowledgeConfig())
     assert split.ik_all == [0, 1, 3, 6, 8, 9]
     assert split.idk_all == [2, 4, 5, 7]

@@ -36,7 +36,9 @@ def _events(sink: list):
 
 def test_grait_runs_every_stage_and_writes_its_outputs(tiny_model_dir, shared_data, tmp_path):
     events: list = []
-    result = run_pipeline(_config(tiny_model_dir, shared_data), tmp_path / "run", progress=_events(events))
+    result = run_pipeline(
+        _config(tiny_model_dir, shared_data), tmp_path / "run", progress=_events(events)
+    )
     started = [e.stage for e in events if e.kind == "stage_started"]
     assert started == list(stages_for("grait"))
     assert (result.adapter_dir / "adapter_config.json").exists()
@@ -67,11 +69,15 @@ def test_grait_runs_every_stage_and_writes_its_outputs(tiny_model_dir, shared_da
 def test_rerun_skips_completed_stages(tiny_model_dir, shared_data, tmp_path):
     cfg = _config(tiny_model_dir, shared_data, method="rtuning")
     run_pipeline(cfg, tmp_path / "run")
-    before = (tmp_path / "run" / "training" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    before = (
+        (tmp_path / "run" / "training" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    )
     events: list = []
     run_pipeline(cfg, tmp_path / "run", progress=_events(events))
     assert not [e for e in events if e.kind == "stage_started"]
-    assert (tmp_path / "run" / "training" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == before
+    assert (
+        tmp_path / "run" / "training" / "adapter" / "adapter_model.safetensors"
+    ).stat().st_mtime_ns == before
     assert [s["stage"] for s in completed_stages(tmp_path / "run")] == list(stages_for("rtuning"))
 
 
@@ -83,7 +89,9 @@ def test_cancel_stops_between_steps_and_the_run_resumes(tiny_model_dir, shared_d
         return any(e.kind == "stage_completed" and e.stage == "warmup" for e in seen)
 
     with pytest.raises(Cancelled):
-        run_pipeline(cfg, tmp_path / "run", progress=_events(seen), should_cancel=cancel_after_warmup)
+        run_pipeline(
+            cfg, tmp_path / "run", progress=_events(seen), should_cancel=cancel_after_warmup
+        )
     assert [s["stage"] for s in completed_stages(tmp_path / "run")] == ["knowledge_query", "warmup"]
     events: list = []
     run_pipeline(cfg, tmp_path / "run", progress=_events(events))
@@ -109,24 +117,39 @@ def test_same_seed_gives_the_same_selection_and_adapter(tiny_model_dir, shared_d
 def test_a_different_spec_in_the_same_run_dir_is_refused(tiny_model_dir, shared_data, tmp_path):
     run_pipeline(_config(tiny_model_dir, shared_data, method="van", evals=[]), tmp_path / "run")
     with pytest.raises(RunDirConflict):
-        run_pipeline(_config(tiny_model_dir, shared_data, method="van", evals=[], seed=1), tmp_path / "run")
+        run_pipeline(
+            _config(tiny_model_dir, shared_data, method="van", evals=[], seed=1), tmp_path / "run"
+        )
 
 
 @pytest.mark.parametrize("method", ["van", "rtuning", "random-idk"])
 def test_baselines_build_their_own_training_sets(method, tiny_model_dir, shared_data, tmp_path):
-    result = run_pipeline(_config(tiny_model_dir, shared_data, method=method, evals=[]), tmp_path / "run")
+    result = run_pipeline(
+        _config(tiny_model_dir, shared_data, method=method, evals=[]), tmp_path / "run"
+    )
     train = [json.loads(line) for line in result.artifacts["train_set"].read_text().splitlines()]
     assert not (tmp_path / "run" / "gradient_features").exists()
     if method == "van":
         assert len(train) == 24 and all(t["target"] != "I don't know." for t in train)
         return
-    knowledge = [json.loads(line) for line in (tmp_path / "run" / "knowledge_query" / "knowledge.jsonl").read_text().splitlines()]
+    knowledge = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "knowledge_query" / "knowledge.jsonl")
+        .read_text()
+        .splitlines()
+    ]
     unknown = {k["id"] for k in knowledge if not k["known"]}
     refused = {t["id"] for t in train if t["kind"] == "idk"}
     if method == "rtuning":
         assert refused == unknown
     else:
-        assert refused <= unknown and len(refused) == json.loads((tmp_path / "run" / "knowledge_query" / "split.json").read_text())["n_idk_budget"]
+        assert (
+            refused <= unknown
+            and len(refused)
+            == json.loads((tmp_path / "run" / "knowledge_query" / "split.json").read_text())[
+                "n_idk_budget"
+            ]
+        )
 
 
 def test_model_that_always_refuses_has_refusal_rate_one(tiny_model_dir, shared_data, tmp_path):
@@ -138,8 +161,28 @@ def test_model_that_always_refuses_has_refusal_rate_one(tiny_model_dir, shared_d
         method="rtuning",
         train={"path": str(shared_data / "arc_easy" / "dev.jsonl"), "limit": 8},
         knowledge={**hp["knowledge"], "tau": 1.0},
-        lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
-        training={"epochs": 30, "batch_size": 8, "learning_rate": 2e-2, "max_length": 256, "warmup_ratio": 0.0, "lr_scheduler": "constant"},
+        lora={
+            "r": 8,
+            "alpha": 16,
+            "dropout": 0.0,
+            "target_modules": [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ],
+        },
+        training={
+            "epochs": 30,
+            "batch_size": 8,
+            "learning_rate": 2e-2,
+            "max_length": 256,
+            "warmup_ratio": 0.0,
+            "lr_scheduler": "constant",
+        },
         evaluation={"max_new_tokens": 6, "batch_size": 8, "eval_base_refuse_prompt": False},
     )
     result = run_pipeline(cfg, tmp_path / "run")

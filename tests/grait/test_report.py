@@ -159,4 +159,6 @@ def test_model_entry_carries_paired_bootstrap_intervals():
     for key in ("correct", "wrong", "refused", "ths"):
         low, high = entry["ci"][key]
         assert low <= entry[key] <= high and high > low
-    assert model_entry("base", base, base)["ci"]["ths"] == pytest.approx([0.0, 0.0])  # paired: base vs itself is 0
+    assert model_entry("base", base, base)["ci"]["ths"] == pytest.approx(
+        [0.0, 0.0]
+    )  # paired: base vs itself is 0

@@ -10,9 +10,19 @@ from grait.training import WeightedCollator, WeightedExample, WeightedLossTraine
 def test_weighted_loss_is_the_weighted_mean_of_per_sample_answer_losses(tiny_model_dir, tmp_path):
     tok = load_tokenizer(str(tiny_model_dir))
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)).eval()
+    model = get_peft_model(
+        base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    ).eval()
     items = [
-        WeightedExample(encode(tok, "Question: a long prompt about rivers and seas?", "I don't know.", max_length=64), 0.5),
+        WeightedExample(
+            encode(
+                tok,
+                "Question: a long prompt about rivers and seas?",
+                "I don't know.",
+                max_length=64,
+            ),
+            0.5,
+        ),
         WeightedExample(encode(tok, "Question: short?", "B. Paris", max_length=64), 2.0),
     ]
     trainer = WeightedLossTrainer(

@@ -15,7 +15,9 @@ def test_weights_follow_the_softmax_formula_and_average_one():
 
 
 def test_safer_samples_get_larger_weights():
-    w = adaptive_weights(np.array([0.5, 0.1]), np.array([0.0, 0.4]), temperature=1.0, w_min=0.0, w_max=10)
+    w = adaptive_weights(
+        np.array([0.5, 0.1]), np.array([0.0, 0.4]), temperature=1.0, w_min=0.0, w_max=10
+    )
     assert w[0] > w[1]
 
 
