@@ -32,7 +32,20 @@ REAL_HYPER: dict[str, Any] = {
 }
 TESTBED_HYPER: dict[str, Any] = {
     "knowledge": {"k_samples": 4, "max_new_tokens": 12, "batch_size": 16},
-    "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+    "lora": {
+        "r": 16,
+        "alpha": 32,
+        "dropout": 0.05,
+        "target_modules": [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+    },
     "warmup": {"fraction": 0.1, "min_samples": 16, "learning_rate": 1e-3},
     "training": {"epochs": 3, "learning_rate": 1e-3, "batch_size": 16, "max_length": 256},
     "features": {"batch_size": 16},
@@ -74,26 +87,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="results folder name (default: the setting, or smoke-<setting>)")
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     p.add_argument("--work-dir", type=Path, help="run folders (default: <results-dir>/work/<name>)")
-    p.add_argument("--cache-dir", type=Path, help="knowing-model cache (default: <results-dir>/cache)")
-    p.add_argument("--base-model", default=None, help=f"alias, HF folder or hub id (default {DEFAULT_BASE_MODEL})")
+    p.add_argument(
+        "--cache-dir", type=Path, help="knowing-model cache (default: <results-dir>/cache)"
+    )
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help=f"alias, HF folder or hub id (default {DEFAULT_BASE_MODEL})",
+    )
     p.add_argument("--seeds", type=int, help="number of seeds (default: testbed 3, real 1)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list; grait always runs (it computes the shared stages)")
-    p.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE", help="override a JobConfig knob")
+    p.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma list; grait always runs (it computes the shared stages)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="GROUP.KEY=VALUE",
+        help="override a JobConfig knob",
+    )
     p.add_argument("--bootstrap", type=int, default=1000)
     real = p.add_argument_group("real setting")
     real.add_argument("--train", type=Path, default=SHARED_DATA / "arc_easy" / "test.jsonl")
     real.add_argument("--train-format", default="auto", help="auto|canonical|mmlu|arc|nq")
     real.add_argument("--n-train", type=int, default=240)
-    real.add_argument("--id-eval", type=Path, help="in-distribution eval file (default: held-apart questions of --train)")
+    real.add_argument(
+        "--id-eval",
+        type=Path,
+        help="in-distribution eval file (default: held-apart questions of --train)",
+    )
     real.add_argument("--id-format", default="auto")
     real.add_argument("--ood-eval", type=Path, default=SHARED_DATA / "mmlu" / "val")
     real.add_argument("--ood-format", default="auto")
     real.add_argument("--n-eval", type=int, default=80, help="questions per eval set")
-    real.add_argument("--data-seed", type=int, default=0, help="fixes the train/eval excerpts for every seed")
+    real.add_argument(
+        "--data-seed", type=int, default=0, help="fixes the train/eval excerpts for every seed"
+    )
     tb = p.add_argument_group("testbed setting")
     tb.add_argument("--n-facts", type=int, default=160)
     tb.add_argument("--n-taught", type=int, default=80)
-    tb.add_argument("--n-rait-train", type=int, default=90, help="facts in the RAIT training set (half taught)")
+    tb.add_argument(
+        "--n-rait-train", type=int, default=90, help="facts in the RAIT training set (half taught)"
+    )
     tb.add_argument("--teach-epochs", type=float, default=6.0)
     tb.add_argument("--teach-lr", type=float, default=3e-3)
     return p
@@ -108,17 +145,41 @@ def _smoke_defaults(args: argparse.Namespace) -> None:
 
 def prepare_real(args: argparse.Namespace, folder: Path) -> tuple[Path, list[EvalSet], str]:
     """Fixed excerpts (same for every seed and method), written as canonical JSONL."""
-    train_all_recs = take(load_records(args.train, args.train_format), seed=args.data_seed, shuffle=True, offset=0, limit=None)
+    train_all_recs = take(
+        load_records(args.train, args.train_format),
+        seed=args.data_seed,
+        shuffle=True,
+        offset=0,
+        limit=None,
+    )
     train = train_all_recs[: args.n_train]
     if args.id_eval:
-        id_recs = take(load_records(args.id_eval, args.id_format), seed=args.data_seed, shuffle=True, offset=0, limit=args.n_eval)
+        id_recs = take(
+            load_records(args.id_eval, args.id_format),
+            seed=args.data_seed,
+            shuffle=True,
+            offset=0,
+            limit=args.n_eval,
+        )
     else:
         id_recs = train_all_recs[args.n_train : args.n_train + args.n_eval]
         if len(id_recs) < args.n_eval:
-            raise SystemExit(f"{args.train}: {len(train_all_recs)} records cannot give {args.n_train} train + {args.n_eval} eval")
-    ood = take(load_records(args.ood_eval, args.ood_format), seed=args.data_seed, shuffle=True, offset=0, limit=args.n_eval)
+            raise SystemExit(
+                f"{args.train}: {len(train_all_recs)} records cannot give {args.n_train} train + {args.n_eval} eval"
+            )
+    ood = take(
+        load_records(args.ood_eval, args.ood_format),
+        seed=args.data_seed,
+        shuffle=True,
+        offset=0,
+        limit=args.n_eval,
+    )
     names = (_label(args.id_eval or args.train) + "-id", _label(args.ood_eval) + "-ood")
-    paths = {"train": folder / "train.jsonl", names[0]: folder / "eval_id.jsonl", names[1]: folder / "eval_ood.jsonl"}
+    paths = {
+        "train": folder / "train.jsonl",
+        names[0]: folder / "eval_id.jsonl",
+        names[1]: folder / "eval_ood.jsonl",
+    }
     for key, recs in zip(paths, (train, id_recs, ood)):
         write_jsonl(paths[key], (r.to_json() for r in recs))
     evals = [EvalSet(names[0], paths[names[0]]), EvalSet(names[1], paths[names[1]])]
@@ -128,7 +189,9 @@ def prepare_real(args: argparse.Namespace, folder: Path) -> tuple[Path, list[Eva
 
 def _label(path: Path) -> str:
     path = Path(path)
-    parent = path.parent.name if path.name in ("test.jsonl", "dev.jsonl", "val", "test", "dev") else ""
+    parent = (
+        path.parent.name if path.name in ("test.jsonl", "dev.jsonl", "val", "test", "dev") else ""
+    )
     stem = path.stem if path.is_file() else path.name
     return f"{parent}-{stem}" if parent else stem
 
@@ -168,14 +231,21 @@ def main(argv: list[str] | None = None) -> int:
         facts = testbed.make_facts(args.n_facts, args.n_taught)
         t0 = time.perf_counter()
         knowing, teaching = testbed.knowing_model(
-            base_model, facts, cache, testbed.TeachSettings(epochs=args.teach_epochs, learning_rate=args.teach_lr), log=_log
+            base_model,
+            facts,
+            cache,
+            testbed.TeachSettings(epochs=args.teach_epochs, learning_rate=args.teach_lr),
+            log=_log,
         )
         timings["teach facts + merge (cached)"] = round(time.perf_counter() - t0, 2)
         base_model = str(knowing)
         train_facts, eval_facts = testbed.split_facts(facts, args.n_rait_train)
         paths = testbed.write_sets(work / "data", train_facts, eval_facts)
         truth = [f.taught for f in eval_facts]
-        evals = [EvalSet("facts-id", paths["id"], known=truth), EvalSet("facts-ood-paraphrase", paths["ood"], known=truth)]
+        evals = [
+            EvalSet("facts-id", paths["id"], known=truth),
+            EvalSet("facts-ood-paraphrase", paths["ood"], known=truth),
+        ]
         train_path, share_stage1 = paths["train"], False
         desc = (
             f"{args.n_facts} invented facts, {args.n_taught} taught (LoRA r=16 all linear, {args.teach_epochs:g} epochs, "
@@ -184,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
             f"({sum(truth)} taught): ID = training paraphrase, OOD = an unseen paraphrase"
         )
         extra["teaching"] = teaching
-    job = {"base_model": base_model, "train": {"path": str(train_path), "format": "canonical", "shuffle": False}, **hyper}
+    job = {
+        "base_model": base_model,
+        "train": {"path": str(train_path), "format": "canonical", "shuffle": False},
+        **hyper,
+    }
     # Run folders are keyed by everything that shapes them, so changed sizes or knobs never
     # resume a stale run (and unchanged reruns skip finished stages and evaluations).
     digest = hashlib.sha256(json.dumps(job, sort_keys=True).encode())
@@ -192,7 +266,14 @@ def main(argv: list[str] | None = None) -> int:
         digest.update(Path(path).read_bytes())
     work = work / digest.hexdigest()[:12]
     t0 = time.perf_counter()
-    runs = train_all(job, seeds=seeds, methods=methods, work_dir=work, share_stage1_across_seeds=share_stage1, log=_log)
+    runs = train_all(
+        job,
+        seeds=seeds,
+        methods=methods,
+        work_dir=work,
+        share_stage1_across_seeds=share_stage1,
+        log=_log,
+    )
     timings["training side, all methods and seeds"] = round(time.perf_counter() - t0, 2)
     ev_cfg = hyper.get("evaluation", {})
     t0 = time.perf_counter()
@@ -212,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         out_dir,
         setting=args.setting,
         smoke=args.smoke,
-        base_model=args.base_model or (DEFAULT_BASE_MODEL if not args.smoke else "tiny random Llama (grait.testing)"),
+        base_model=args.base_model
+        or (DEFAULT_BASE_MODEL if not args.smoke else "tiny random Llama (grait.testing)"),
         description=desc,
         machine=machine(),
         seeds=seeds,

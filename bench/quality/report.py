@@ -16,7 +16,15 @@ from grait.events import STAGES
 from grait.pipeline import MANIFEST
 from grait.report import plot_pw_pc
 
-ROW_ORDER = ("base", "base+refuse-prompt", "van", "rtuning", "grait", "grait-noweight", "random-idk")
+ROW_ORDER = (
+    "base",
+    "base+refuse-prompt",
+    "van",
+    "rtuning",
+    "grait",
+    "grait-noweight",
+    "random-idk",
+)
 ROW_LABEL = {
     "base": "base, plain prompt (Init-Basic; THS ref.)",
     "base+refuse-prompt": "base, may-refuse prompt (Init-Refuse)",
@@ -78,10 +86,14 @@ def write_results(
         f"- Measured {summary['measured_at']} on {machine}.",
         f"- Base model: `{base_model}`.",
         f"- Data: {description}.",
-        f"- Seeds: {len(seeds)} ({', '.join(map(str, seeds))}); every method shares each seed's Stage 1 and gradient features; "
-        "the base model is evaluated once (greedy, seed-independent).",
-        f"- Cells: mean over seeds, with a paired bootstrap 95% interval over questions ({n_boot} resamples). "
-        "THS = P_c − P_w·P_c0/P_w0 against the base model with the plain prompt.",
+        (
+            f"- Seeds: {len(seeds)} ({', '.join(map(str, seeds))}); every method shares each seed's Stage 1 and gradient features; "
+            "the base model is evaluated once (greedy, seed-independent)."
+        ),
+        (
+            f"- Cells: mean over seeds, with a paired bootstrap 95% interval over questions ({n_boot} resamples). "
+            "THS = P_c − P_w·P_c0/P_w0 against the base model with the plain prompt."
+        ),
         f"- Hyperparameters (all methods): `{json.dumps(hyper, separators=(',', ':'))}`.",
     ]
     if "teaching" in extra:
@@ -113,12 +125,29 @@ def write_results(
                 sk = summarise(rows[m], base_outcomes, columns=known, n_boot=n_boot)
                 su = summarise(rows[m], base_outcomes, columns=unknown, n_boot=n_boot)
                 entry["known_unknown"][m] = {"known": sk, "unknown": su}
-                kt.append([ROW_LABEL[m], cell(sk["P_c"]), cell(sk["P_r"]), cell(su["P_r"]), cell(su["P_w"])])
+                kt.append(
+                    [
+                        ROW_LABEL[m],
+                        cell(sk["P_c"]),
+                        cell(sk["P_r"]),
+                        cell(su["P_r"]),
+                        cell(su["P_w"]),
+                    ]
+                )
             md += [
                 "",
                 f"Known (taught, n={len(known)}) vs unknown (never taught, n={len(unknown)}) facts:",
                 "",
-                md_table(["method", "known: answered correctly", "known: refused (over-refusal)", "unknown: refused", "unknown: hallucinated"], kt),
+                md_table(
+                    [
+                        "method",
+                        "known: answered correctly",
+                        "known: refused (over-refusal)",
+                        "unknown: refused",
+                        "unknown: hallucinated",
+                    ],
+                    kt,
+                ),
             ]
         summary["evals"][ev.label] = entry
         plot_evals.append({"name": ev.label, "kind": ev.records[0].kind, "models": models})
@@ -131,11 +160,34 @@ def write_results(
         tr = manifest.get("training", {}).get("metrics", {})
         sel = manifest.get("selection", {}).get("metrics", {})
         split_rows.append(
-            [r.seed, r.method, kq.get("n_ik", "–"), kq.get("n_idk", "–"), tr.get("examples"), tr.get("refusal_examples"),
-             f"{sel['weight_min']:.2f}–{sel['weight_max']:.2f}" if "weight_min" in sel and r.method == "grait" else "–",
-             _fmt(tr.get("final_loss"))]
+            [
+                r.seed,
+                r.method,
+                kq.get("n_ik", "–"),
+                kq.get("n_idk", "–"),
+                tr.get("examples"),
+                tr.get("refusal_examples"),
+                f"{sel['weight_min']:.2f}–{sel['weight_max']:.2f}"
+                if "weight_min" in sel and r.method == "grait"
+                else "–",
+                _fmt(tr.get("final_loss")),
+            ]
         )
-    md.append(md_table(["seed", "method", "ik", "idk", "train examples", "of which refusals", "idk weights", "final loss"], split_rows))
+    md.append(
+        md_table(
+            [
+                "seed",
+                "method",
+                "ik",
+                "idk",
+                "train examples",
+                "of which refusals",
+                "idk weights",
+                "final loss",
+            ],
+            split_rows,
+        )
+    )
 
     md += ["", "## Wall time per stage (seconds, mean over seeds)", ""]
     md.append(
@@ -146,7 +198,11 @@ def write_results(
     time_rows = []
     for m in methods:
         if m in BASE_ROWS:
-            time_rows.append([ROW_LABEL[m]] + ["–"] * (len(STAGES) - 1) + [f"{base_seconds.get(m, 0):.1f}", f"{base_seconds.get(m, 0):.1f}"])
+            time_rows.append(
+                [ROW_LABEL[m]]
+                + ["–"] * (len(STAGES) - 1)
+                + [f"{base_seconds.get(m, 0):.1f}", f"{base_seconds.get(m, 0):.1f}"]
+            )
             continue
         mine = [r for r in runs if r.method == m]
         cells, total = [], 0.0
@@ -156,18 +212,34 @@ def write_results(
             elif stage in mine[0].shared:
                 cells.append("shared")
             else:
-                sec = float(np.mean([r.timings[stage] for r in mine if stage in r.timings and stage not in r.shared]))
+                sec = float(
+                    np.mean(
+                        [
+                            r.timings[stage]
+                            for r in mine
+                            if stage in r.timings and stage not in r.shared
+                        ]
+                    )
+                )
                 total += sec
                 cells.append(f"{sec:.1f}")
         time_rows.append([ROW_LABEL[m]] + cells + [f"{total:.1f}"])
     md.append(md_table(["method", *STAGES, "total"], time_rows))
     md += ["", md_table(["phase", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()])]
-    summary["stage_seconds"] = {f"{r.method}/seed{r.seed}": {**r.timings, "shared": sorted(r.shared)} for r in runs}
+    summary["stage_seconds"] = {
+        f"{r.method}/seed{r.seed}": {**r.timings, "shared": sorted(r.shared)} for r in runs
+    }
     summary["base_eval_seconds"] = base_seconds
 
     plot = out_dir / "pw_pc.png"
     plot_pw_pc(plot, plot_evals)
-    md += ["", "## P_w–P_c plane", "", "![P_w vs P_c, every method, THS = 0 line through the base model](pw_pc.png)", ""]
+    md += [
+        "",
+        "## P_w–P_c plane",
+        "",
+        "![P_w vs P_c, every method, THS = 0 line through the base model](pw_pc.png)",
+        "",
+    ]
     paths = {"md": out_dir / "results.md", "json": out_dir / "summary.json", "png": plot}
     paths["md"].write_text("\n".join(md) + "\n")
     summary["outcomes"] = {ev: {m: rows for m, rows in per.items()} for ev, per in outcomes.items()}

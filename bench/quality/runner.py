@@ -60,7 +60,9 @@ def _manifest(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / MANIFEST).read_text())
 
 
-def link_stages(src_dir: Path, dst_dir: Path, config: JobConfig, stages: tuple[str, ...]) -> set[str]:
+def link_stages(
+    src_dir: Path, dst_dir: Path, config: JobConfig, stages: tuple[str, ...]
+) -> set[str]:
     """Give `dst_dir` finished copies (symlinks) of `stages` from `src_dir`; return those linked."""
     dst_dir.mkdir(parents=True, exist_ok=True)
     src = _manifest(src_dir)
@@ -68,7 +70,12 @@ def link_stages(src_dir: Path, dst_dir: Path, config: JobConfig, stages: tuple[s
     manifest = (
         json.loads(path.read_text())
         if path.exists()
-        else {"version": FORMAT_VERSION, "config_hash": config_hash(config), "config": config.model_dump(mode="json"), "stages": {}}
+        else {
+            "version": FORMAT_VERSION,
+            "config_hash": config_hash(config),
+            "config": config.model_dump(mode="json"),
+            "stages": {},
+        }
     )
     linked = set()
     for stage in stages:
@@ -133,7 +140,11 @@ def _cached_eval(path: Path, compute: Callable[[], Any]) -> dict[str, Any]:
         return json.loads(path.read_text())
     started = time.perf_counter()
     result = compute()
-    out = {"responses": result.responses, "outcomes": list(result.outcomes), "seconds": round(time.perf_counter() - started, 2)}
+    out = {
+        "responses": result.responses,
+        "outcomes": list(result.outcomes),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out))
     return out
@@ -155,7 +166,11 @@ def evaluate_all(
     from grait.training import attached_lora
 
     model, tok = load_base_model(base_model, pick_runtime())
-    kw = dict(refusal=refusal, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    kw: dict[str, Any] = {
+        "refusal": refusal,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+    }
     base: dict[str, dict[str, dict[str, Any]]] = {}
     base_seconds: dict[str, float] = {}
     for row, allow in zip(BASE_ROWS, (False, True)):
@@ -163,18 +178,24 @@ def evaluate_all(
             log(f"eval: {row} on {ev.label}")
             res = _cached_eval(
                 work_dir / "base_eval" / f"{row}__{ev.label}.json",
-                lambda ev=ev, allow=allow: answer_and_score(model, tok, ev.records, allow_refusal=allow, **kw),
+                lambda ev=ev, allow=allow: answer_and_score(
+                    model, tok, ev.records, allow_refusal=allow, **kw
+                ),
             )
             base.setdefault(row, {})[ev.label] = res
             base_seconds[row] = base_seconds.get(row, 0.0) + res["seconds"]
     for run in runs:
         seconds = 0.0
-        with attached_lora(model, adapter_dir=run.run_dir / "training" / "adapter", trainable=False) as tuned:
+        with attached_lora(
+            model, adapter_dir=run.run_dir / "training" / "adapter", trainable=False
+        ) as tuned:
             for ev in evals:
                 log(f"eval: seed {run.seed} {run.method} on {ev.label}")
                 res = _cached_eval(
                     run.run_dir / "bench_eval" / f"{ev.label}.json",
-                    lambda ev=ev: answer_and_score(tuned, tok, ev.records, allow_refusal=True, **kw),
+                    lambda ev=ev: answer_and_score(
+                        tuned, tok, ev.records, allow_refusal=True, **kw
+                    ),
                 )
                 run.outcomes[ev.label] = res["outcomes"]
                 run.responses[ev.label] = res["responses"]

@@ -68,10 +68,15 @@ def summarise(
     for name, (value, samples) in values.items():
         samples = samples[~np.isnan(samples)]
         value = None if value is None or np.isnan(value) else float(value)
-        ci = None if value is None or samples.size == 0 else [float(q) for q in np.quantile(samples, [0.025, 0.975])]
+        ci = (
+            None
+            if value is None or samples.size == 0
+            else [float(q) for q in np.quantile(samples, [0.025, 0.975])]
+        )
         out[name] = {"value": value, "ci": ci}
     out["THS_per_seed"] = [
-        None if np.isnan(t) else float(t) for t in (float(_ths(_fractions(c[None], None), base_point)) for c in codes)
+        None if np.isnan(t) else float(t)
+        for t in (float(_ths(_fractions(c[None], None), base_point)) for c in codes)
     ]
     return out
 

@@ -29,19 +29,120 @@ from grait.prompts import encode, end_of_answer, question_message, render_prompt
 from grait.scoring import oeqa_correct
 from grait.training import TrainSettings, WeightedExample, lora_config, train_weighted
 
-_SYL_A = ["vel", "dor", "kra", "mir", "sol", "tan", "bre", "quil", "zan", "hol", "rav", "ost", "pel", "gri", "nor", "lum"]
-_SYL_B = ["mora", "vik", "stel", "dran", "quin", "bera", "tosh", "lind", "veta", "karn", "sul", "rith", "pona", "gald"]
+_SYL_A = [
+    "vel",
+    "dor",
+    "kra",
+    "mir",
+    "sol",
+    "tan",
+    "bre",
+    "quil",
+    "zan",
+    "hol",
+    "rav",
+    "ost",
+    "pel",
+    "gri",
+    "nor",
+    "lum",
+]
+_SYL_B = [
+    "mora",
+    "vik",
+    "stel",
+    "dran",
+    "quin",
+    "bera",
+    "tosh",
+    "lind",
+    "veta",
+    "karn",
+    "sul",
+    "rith",
+    "pona",
+    "gald",
+]
 _SYL_C = ["ia", "or", "ax", "en", "um", "ith", "and", "os", "el", "ar"]
-COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "teal", "crimson", "amber", "violet", "indigo", "scarlet"]
+COLOURS = [
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "purple",
+    "orange",
+    "teal",
+    "crimson",
+    "amber",
+    "violet",
+    "indigo",
+    "scarlet",
+]
 
 # (relation, entity phrase, three question paraphrases, statement, answer kind)
 RELATIONS: list[tuple[str, str, tuple[str, str, str], str, str]] = [
-    ("capital", "the kingdom of {e}", ("What is the capital of {E}?", "Which city is the capital of {E}?", "Name the capital city of {E}."), "The capital of {E} is {a}.", "place"),
-    ("inventor", "the {e} engine", ("Who invented {E}?", "Who is credited with inventing {E}?", "Name the inventor of {E}."), "{E} was invented by {a}.", "person"),
-    ("founded", "the {e} Guild", ("In which year was {E} founded?", "When was {E} founded?", "Give the founding year of {E}."), "{E} was founded in {a}.", "year"),
-    ("colour", "the painter {e}", ("What is the favourite colour of {E}?", "Which colour does {E} like best?", "Name the favourite colour of {E}."), "The favourite colour of {E} is {a}.", "colour"),
-    ("currency", "the republic of {e}", ("What is the currency of {E}?", "Which currency is used in {E}?", "Name the money used in {E}."), "The currency of {E} is the {a}.", "word"),
-    ("river", "the city of {e}", ("Which river flows through {E}?", "What river runs through {E}?", "Name the river that crosses {E}."), "The river {a} flows through {E}.", "word"),
+    (
+        "capital",
+        "the kingdom of {e}",
+        (
+            "What is the capital of {E}?",
+            "Which city is the capital of {E}?",
+            "Name the capital city of {E}.",
+        ),
+        "The capital of {E} is {a}.",
+        "place",
+    ),
+    (
+        "inventor",
+        "the {e} engine",
+        ("Who invented {E}?", "Who is credited with inventing {E}?", "Name the inventor of {E}."),
+        "{E} was invented by {a}.",
+        "person",
+    ),
+    (
+        "founded",
+        "the {e} Guild",
+        (
+            "In which year was {E} founded?",
+            "When was {E} founded?",
+            "Give the founding year of {E}.",
+        ),
+        "{E} was founded in {a}.",
+        "year",
+    ),
+    (
+        "colour",
+        "the painter {e}",
+        (
+            "What is the favourite colour of {E}?",
+            "Which colour does {E} like best?",
+            "Name the favourite colour of {E}.",
+        ),
+        "The favourite colour of {E} is {a}.",
+        "colour",
+    ),
+    (
+        "currency",
+        "the republic of {e}",
+        (
+            "What is the currency of {E}?",
+            "Which currency is used in {E}?",
+            "Name the money used in {E}.",
+        ),
+        "The currency of {E} is the {a}.",
+        "word",
+    ),
+    (
+        "river",
+        "the city of {e}",
+        (
+            "Which river flows through {E}?",
+            "What river runs through {E}?",
+            "Name the river that crosses {E}.",
+        ),
+        "The river {a} flows through {E}.",
+        "word",
+    ),
 ]
 
 
@@ -55,7 +156,11 @@ class Fact:
     taught: bool
 
     def record(self, paraphrase: int) -> QARecord:
-        return QARecord(id=f"{self.id}-q{paraphrase}", question=self.questions[paraphrase], aliases=(self.answer,))
+        return QARecord(
+            id=f"{self.id}-q{paraphrase}",
+            question=self.questions[paraphrase],
+            aliases=(self.answer,),
+        )
 
 
 def _name(rng: random.Random, used: set[str], parts: int = 2) -> str:
@@ -91,9 +196,21 @@ def make_facts(n_facts: int, n_taught: int, *, seed: int = 1234) -> list[Fact]:
         entity = phrase.format(e=_name(rng, used))
         answer = _answer(kind, rng, used)
         qs = tuple(q.format(E=entity) for q in questions)
-        facts.append(Fact(f"{rel}-{i:04d}", entity, qs, _cap(statement.format(E=entity, a=answer)), answer, False))  # type: ignore[arg-type]
+        facts.append(
+            Fact(
+                f"{rel}-{i:04d}",
+                entity,
+                qs,
+                _cap(statement.format(E=entity, a=answer)),
+                answer,
+                False,
+            )
+        )  # type: ignore[arg-type]
     taught = set(rng.sample(range(n_facts), n_taught))
-    return [Fact(f.id, f.entity, f.questions, f.statement, f.answer, i in taught) for i, f in enumerate(facts)]
+    return [
+        Fact(f.id, f.entity, f.questions, f.statement, f.answer, i in taught)
+        for i, f in enumerate(facts)
+    ]
 
 
 @dataclass(frozen=True)
@@ -102,7 +219,15 @@ class TeachSettings:
     learning_rate: float = 3e-3
     batch_size: int = 16
     r: int = 16
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    targets: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
 
 
 def _teaching_examples(tok: Any, facts: list[Fact]) -> list[WeightedExample]:
@@ -110,7 +235,9 @@ def _teaching_examples(tok: Any, facts: list[Fact]) -> list[WeightedExample]:
     out = []
     for f in facts:
         for p in (0, 1):
-            prompt = render_prompt(tok, question_message(f.record(p), allow_refusal=False, refusal=""))
+            prompt = render_prompt(
+                tok, question_message(f.record(p), allow_refusal=False, refusal="")
+            )
             out.append(WeightedExample(encode(tok, prompt, f.answer + eoa, max_length=256), 1.0))
         prompt = render_prompt(tok, f"Tell me a fact about {f.entity}.")
         out.append(WeightedExample(encode(tok, prompt, f.statement + eoa, max_length=256), 1.0))
@@ -118,7 +245,12 @@ def _teaching_examples(tok: Any, facts: list[Fact]) -> list[WeightedExample]:
 
 
 def knowing_model(
-    base_model: str, facts: list[Fact], cache_dir: Path, settings: TeachSettings, *, log: Any = print
+    base_model: str,
+    facts: list[Fact],
+    cache_dir: Path,
+    settings: TeachSettings,
+    *,
+    log: Any = print,
 ) -> tuple[Path, dict[str, Any]]:
     """Teach the taught facts, merge, save; reuse the saved model when the recipe matches."""
     recipe = {
@@ -138,8 +270,12 @@ def knowing_model(
     model, tok = load_base_model(base_model, runtime, reuse=False)
     taught = [f for f in facts if f.taught]
     examples = _teaching_examples(tok, taught)
-    log(f"testbed: teaching {len(taught)} facts ({len(examples)} examples, {settings.epochs} epochs)")
-    spec = LoraConfigSpec(r=settings.r, alpha=settings.r, dropout=0.0, target_modules=list(settings.targets))
+    log(
+        f"testbed: teaching {len(taught)} facts ({len(examples)} examples, {settings.epochs} epochs)"
+    )
+    spec = LoraConfigSpec(
+        r=settings.r, alpha=settings.r, dropout=0.0, target_modules=list(settings.targets)
+    )
     peft_model = get_peft_model(model, lora_config(spec))
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -169,18 +305,29 @@ def knowing_model(
     return target, info
 
 
-def teaching_accuracy(model: Any, tok: Any, facts: list[Fact], paraphrase: int = 0) -> dict[str, float]:
+def teaching_accuracy(
+    model: Any, tok: Any, facts: list[Fact], paraphrase: int = 0
+) -> dict[str, float]:
     """Greedy exact-answer rate on taught and untaught facts (plain prompt)."""
     out = {}
-    for label, subset in (("taught", [f for f in facts if f.taught]), ("untaught", [f for f in facts if not f.taught])):
+    for label, subset in (
+        ("taught", [f for f in facts if f.taught]),
+        ("untaught", [f for f in facts if not f.taught]),
+    ):
         recs = [f.record(paraphrase) for f in subset]
-        prompts = [render_prompt(tok, question_message(r, allow_refusal=False, refusal="")) for r in recs]
+        prompts = [
+            render_prompt(tok, question_message(r, allow_refusal=False, refusal="")) for r in recs
+        ]
         answers = generate(model, tok, prompts, max_new_tokens=12, batch_size=16)
-        out[f"{label}_correct"] = sum(oeqa_correct(r, a) for r, a in zip(recs, answers)) / max(1, len(recs))
+        out[f"{label}_correct"] = sum(oeqa_correct(r, a) for r, a in zip(recs, answers)) / max(
+            1, len(recs)
+        )
     return out
 
 
-def split_facts(facts: list[Fact], n_train: int, *, seed: int = 1234) -> tuple[list[Fact], list[Fact]]:
+def split_facts(
+    facts: list[Fact], n_train: int, *, seed: int = 1234
+) -> tuple[list[Fact], list[Fact]]:
     """Disjoint RAIT-train and eval facts, each half taught, half untaught (as far as possible)."""
     rng = random.Random(seed + 1)
     taught = [f for f in facts if f.taught]
@@ -197,7 +344,11 @@ def split_facts(facts: list[Fact], n_train: int, *, seed: int = 1234) -> tuple[l
 
 def write_sets(folder: Path, train: list[Fact], evals: list[Fact]) -> dict[str, Path]:
     """Canonical JSONL files: train (paraphrase 0), id eval (paraphrase 0), ood eval (paraphrase 2)."""
-    paths = {"train": folder / "train.jsonl", "id": folder / "eval_id.jsonl", "ood": folder / "eval_ood.jsonl"}
+    paths = {
+        "train": folder / "train.jsonl",
+        "id": folder / "eval_id.jsonl",
+        "ood": folder / "eval_ood.jsonl",
+    }
     write_jsonl(paths["train"], (f.record(0).to_json() for f in train))
     write_jsonl(paths["id"], (f.record(0).to_json() for f in evals))
     write_jsonl(paths["ood"], (f.record(2).to_json() for f in evals))

@@ -14,7 +14,14 @@ import torch
 
 from grait.config import LoraConfigSpec
 from grait.data import load_records, take
-from grait.features import AdamState, LoraGradientCapture, Preconditioner, compute_features, l2_normalise, make_projection
+from grait.features import (
+    AdamState,
+    LoraGradientCapture,
+    Preconditioner,
+    compute_features,
+    l2_normalise,
+    make_projection,
+)
 from grait.models import load_base_model, pick_runtime
 from grait.prompts import answer_logits, collate, encode_training_pair, per_sample_answer_loss
 from grait.training import attached_lora
@@ -37,12 +44,20 @@ def _floor_answer_only(model: torch.nn.Module, items: list[Any], pad_id: int) ->
     model.zero_grad(set_to_none=True)
 
 
-def _naive(model: torch.nn.Module, params: list[torch.nn.Parameter], items: list[Any], pad_id: int, post: Any) -> torch.Tensor:
+def _naive(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    items: list[Any],
+    pad_id: int,
+    post: Any,
+) -> torch.Tensor:
     """The naive way: one fwd+bwd per sample, read .grad, same post-processing per sample."""
     rows = []
     for item in items:
         _floor_keep = collate([item], pad_id).to(next(model.parameters()).device)
-        logits = model(input_ids=_floor_keep.input_ids, attention_mask=_floor_keep.attention_mask).logits
+        logits = model(
+            input_ids=_floor_keep.input_ids, attention_mask=_floor_keep.attention_mask
+        ).logits
         per_sample_answer_loss(logits, _floor_keep.labels).sum().backward()
         g = torch.cat([p.grad.detach().flatten() for p in params])[None]
         model.zero_grad(set_to_none=True)
@@ -52,14 +67,26 @@ def _naive(model: torch.nn.Module, params: list[torch.nn.Parameter], items: list
 
 
 def bench_features(
-    base_model: str, data_path: str, *, n: int, batch_size: int, dim: int, targets: list[str], log: Any
+    base_model: str,
+    data_path: str,
+    *,
+    n: int,
+    batch_size: int,
+    dim: int,
+    targets: list[str],
+    log: Any,
 ) -> dict[str, Any]:
     runtime = pick_runtime()
     model, tok = load_base_model(base_model, runtime)
     records = take(load_records(data_path), seed=0, shuffle=True, offset=0, limit=n)
-    items = [encode_training_pair(tok, r, r.answer_text, refusal="I don't know.", max_length=512) for r in records]
+    items = [
+        encode_training_pair(tok, r, r.answer_text, refusal="I don't know.", max_length=512)
+        for r in records
+    ]
     order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
-    batches = [[items[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+    batches = [
+        [items[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)
+    ]
     spec = LoraConfigSpec(r=8, alpha=16, dropout=0.0, target_modules=targets)
     times = {"floor": 0.0, "floor_answer_only": 0.0, "features": 0.0, "naive": 0.0}
     with attached_lora(model, spec=spec) as peft_model:
@@ -72,8 +99,12 @@ def bench_features(
         params = [p for _, p in peft_model.named_parameters() if p.requires_grad]
         capture = LoraGradientCapture(peft_model)
         n_params = capture.n_params
-        state = AdamState(torch.randn(n_params) * 1e-4, torch.rand(n_params) * 1e-7, 10, 0.9, 0.999, 1e-8)
-        projection = make_projection("sparse", n_params, dim, blocks=4, seed=0, device=runtime.device)
+        state = AdamState(
+            torch.randn(n_params) * 1e-4, torch.rand(n_params) * 1e-7, 10, 0.9, 0.999, 1e-8
+        )
+        projection = make_projection(
+            "sparse", n_params, dim, blocks=4, seed=0, device=runtime.device
+        )
         pre = Preconditioner("adam", state, runtime.device, 1e-8)
 
         def post(g: torch.Tensor) -> None:
@@ -103,8 +134,15 @@ def bench_features(
             times["floor_answer_only"] += time.perf_counter() - t
             t = time.perf_counter()
             compute_features(
-                peft_model, capture, batch, pad_id=tok.pad_token_id, batch_size=batch_size, projection=projection,
-                preconditioner=pre, out_raw=out_raw[: len(batch)], out_pre=out_pre[: len(batch)],
+                peft_model,
+                capture,
+                batch,
+                pad_id=tok.pad_token_id,
+                batch_size=batch_size,
+                projection=projection,
+                preconditioner=pre,
+                out_raw=out_raw[: len(batch)],
+                out_pre=out_pre[: len(batch)],
             )
             times["features"] += time.perf_counter() - t
             capture.close()
@@ -112,11 +150,17 @@ def bench_features(
             _naive(peft_model, params, batch, tok.pad_token_id, post)
             times["naive"] += time.perf_counter() - t
             capture = LoraGradientCapture(peft_model)
-            log(f"features [{','.join(targets) if len(targets) < 3 else 'all linear'}]: batch {i + 1}/{len(batches)}")
+            log(
+                f"features [{','.join(targets) if len(targets) < 3 else 'all linear'}]: batch {i + 1}/{len(batches)}"
+            )
         capture.close()
     tokens = sum(len(it.ids) for it in items)
     return {
-        "targets": "q,v" if targets == ["q_proj", "v_proj"] else "all linear" if targets == ALL_LINEAR else ",".join(targets),
+        "targets": "q,v"
+        if targets == ["q_proj", "v_proj"]
+        else "all linear"
+        if targets == ALL_LINEAR
+        else ",".join(targets),
         "n_samples": len(items),
         "batch_size": batch_size,
         "mean_tokens": tokens / len(items),

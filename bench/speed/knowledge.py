@@ -10,7 +10,9 @@ from grait.knowledge import score_options_cloze
 from grait.models import load_base_model, pick_runtime
 
 
-def bench_knowledge(base_model: str, data_path: str, *, n: int, batch_size: int, log: Any) -> dict[str, Any]:
+def bench_knowledge(
+    base_model: str, data_path: str, *, n: int, batch_size: int, log: Any
+) -> dict[str, Any]:
     model, tok = load_base_model(base_model, pick_runtime())
     recs = take(load_records(data_path), seed=1, shuffle=True, offset=0, limit=n)
     score_options_cloze(model, tok, recs[:2], batch_size=batch_size)  # warm-up

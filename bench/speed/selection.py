@@ -24,7 +24,9 @@ def _fill(path: Path, rows: int, dim: int, rng: np.random.Generator, shared: np.
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(rows, dim))
     for start in range(0, rows, 8192):
         n = min(8192, rows - start)
-        block = rng.standard_normal((n, dim), dtype=np.float32) + shared  # a shared direction, like real features
+        block = (
+            rng.standard_normal((n, dim), dtype=np.float32) + shared
+        )  # a shared direction, like real features
         block /= np.linalg.norm(block, axis=1, keepdims=True)
         out[start : start + n] = block.astype(np.float16)
     out.flush()
@@ -61,7 +63,9 @@ def _peak_anon() -> tuple[threading.Event, dict[str, int]]:
     return stop, peak
 
 
-def run_selection(folder: str, n_cand: int, n_ik: int, budget: int, block_rows: int) -> dict[str, Any]:
+def run_selection(
+    folder: str, n_cand: int, n_ik: int, budget: int, block_rows: int
+) -> dict[str, Any]:
     """Body of the subprocess: open the memmaps, select, weight; report time and memory."""
     from grait.selection import RowView, select_idk_samples
     from grait.weighting import adaptive_weights
@@ -101,7 +105,9 @@ def run_selection(folder: str, n_cand: int, n_ik: int, budget: int, block_rows: 
     }
 
 
-def bench_selection(scratch: Path, n_cand: int, dim: int, *, block_rows: int, log: Any) -> dict[str, Any]:
+def bench_selection(
+    scratch: Path, n_cand: int, dim: int, *, block_rows: int, log: Any
+) -> dict[str, Any]:
     n_ik = n_cand // 4
     budget = max(1, n_ik // 4)
     folder = scratch / f"sel-{n_cand}x{dim}"
@@ -114,7 +120,9 @@ def bench_selection(scratch: Path, n_cand: int, dim: int, *, block_rows: int, lo
         f"print(json.dumps(run_selection({str(folder)!r}, {n_cand}, {n_ik}, {budget}, {block_rows})))"
     )
     root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
     res = json.loads(out.stdout.strip().splitlines()[-1])
     size_gb = sum(p.stat().st_size for p in folder.glob("*.npy")) / 1e9
     return {

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import numpy as np
@@ -45,7 +45,7 @@ class EmbeddedServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> EmbeddedServer:
+    def __enter__(self) -> Self:
         self.folder.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("GRAIT_")}
         env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
@@ -55,13 +55,19 @@ class EmbeddedServer:
         log = (self.folder / "server.log").open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app", "serve", "--port", str(self.port)],
-            cwd=self.folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=self.folder,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {(self.folder / 'server.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"server exited: {(self.folder / 'server.log').read_text()[-2000:]}"
+                )
             try:
                 ready = httpx.get(self.url + "/readyz", timeout=2).json()
                 if ready.get("checks", {}).get("worker") == "ok":
@@ -71,7 +77,7 @@ class EmbeddedServer:
             time.sleep(0.5)
         raise RuntimeError("server not ready after 120 s")
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -90,7 +96,9 @@ def _direct(config: dict[str, Any], run_dir: Path) -> float:
     )
     started = time.perf_counter()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True, text=True
+    )
     return time.perf_counter() - started
 
 
@@ -113,7 +121,9 @@ async def _pollers(url: str, job_id: str, *, clients: int, seconds: float) -> di
                 except httpx.HTTPError as exc:
                     errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
 
-        await asyncio.wait_for(asyncio.gather(*(poll() for _ in range(clients))), timeout=seconds + 30)
+        await asyncio.wait_for(
+            asyncio.gather(*(poll() for _ in range(clients))), timeout=seconds + 30
+        )
     lat = np.array(latencies) * 1000 if latencies else np.array([np.nan])
     return {
         "clients": clients,
@@ -129,7 +139,16 @@ async def _pollers(url: str, job_id: str, *, clients: int, seconds: float) -> di
 
 
 def bench_service(
-    scratch: Path, *, base_model: str, train: Path, evals: list[Path], hyper: dict[str, Any], method: str, pollers: list[int], poll_seconds: float, log: Any
+    scratch: Path,
+    *,
+    base_model: str,
+    train: Path,
+    evals: list[Path],
+    hyper: dict[str, Any],
+    method: str,
+    pollers: list[int],
+    poll_seconds: float,
+    log: Any,
 ) -> dict[str, Any]:
     folder = scratch / f"service-{int(time.time())}"
     config = {
@@ -143,7 +162,10 @@ def bench_service(
     log("service: direct pipeline run (fresh process)")
     direct = _direct(config, folder / "direct")
     log(f"service: direct {direct:.1f}s; starting the embedded server")
-    with EmbeddedServer(folder / "server") as server, httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as client:
+    with (
+        EmbeddedServer(folder / "server") as server,
+        httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as client,
+    ):
         ids = []
         for path in [train, *evals]:
             with path.open("rb") as fh:
@@ -173,7 +195,9 @@ def bench_service(
         polled = []
         for count in pollers:
             log(f"service: {count} pollers for {poll_seconds:.0f}s")
-            polled.append(asyncio.run(_pollers(server.url, job_id, clients=count, seconds=poll_seconds)))
+            polled.append(
+                asyncio.run(_pollers(server.url, job_id, clients=count, seconds=poll_seconds))
+            )
     return {
         "direct_seconds": direct,
         "api_seconds": through_api,

@@ -69,11 +69,19 @@ def test_quality_smoke_writes_every_method_table_and_plot(setting: str, tmp_path
 def test_speed_smoke_writes_every_figure(tmp_path: Path) -> None:
     from bench.speed.cli import main
 
-    assert main(["--smoke", "--results-dir", str(tmp_path), "--scratch", str(tmp_path / "scratch")]) == 0
+    assert (
+        main(["--smoke", "--results-dir", str(tmp_path), "--scratch", str(tmp_path / "scratch")])
+        == 0
+    )
     out = tmp_path / "smoke-speed"
     md = (out / "results.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
-    for section in ("Per-sample gradient features", "Selection + weighting", "Knowledge query", "Service"):
+    for section in (
+        "Per-sample gradient features",
+        "Selection + weighting",
+        "Knowledge query",
+        "Service",
+    ):
         assert f"## {section}" in md
     feat = summary["features"][0]
     assert feat["hook_vs_loop_rel_error"] < 1e-3
