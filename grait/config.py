@@ -19,6 +19,16 @@ METHODS: tuple[str, ...] = ("grait", "grait-noweight", "random-idk", "rtuning", 
 DataFormat = Literal["auto", "canonical", "mmlu", "arc", "nq", "openai_chat"]
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 REFUSAL = "I don't know."
+# Every linear layer of a Llama-style block: the usual "all linear" LoRA target list.
+ALL_LINEAR: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
 
 
 class _Strict(BaseModel):

@@ -21,7 +21,7 @@ from bench.common import RESULTS, SHARED_DATA, machine
 from bench.quality import testbed
 from bench.quality.report import write_results
 from bench.quality.runner import METHODS, EvalSet, evaluate_all, train_all
-from grait.config import DEFAULT_BASE_MODEL
+from grait.config import ALL_LINEAR, DEFAULT_BASE_MODEL
 from grait.data import load_records, take, write_jsonl
 
 REAL_HYPER: dict[str, Any] = {
@@ -36,15 +36,7 @@ TESTBED_HYPER: dict[str, Any] = {
         "r": 16,
         "alpha": 32,
         "dropout": 0.05,
-        "target_modules": [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
+        "target_modules": list(ALL_LINEAR),
     },
     "warmup": {"fraction": 0.1, "min_samples": 16, "learning_rate": 1e-3},
     "training": {"epochs": 3, "learning_rate": 1e-3, "batch_size": 16, "max_length": 256},

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grait.config import LoraConfigSpec
+from grait.config import ALL_LINEAR, LoraConfigSpec
 from grait.data import QARecord, write_jsonl
 from grait.generation import generate
 from grait.models import load_base_model, pick_runtime
@@ -219,15 +219,7 @@ class TeachSettings:
     learning_rate: float = 3e-3
     batch_size: int = 16
     r: int = 16
-    targets: tuple[str, ...] = (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    )
+    targets: tuple[str, ...] = ALL_LINEAR
 
 
 def _teaching_examples(tok: Any, facts: list[Fact]) -> list[WeightedExample]:

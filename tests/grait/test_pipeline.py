@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from grait.config import JobConfig
+from grait.config import ALL_LINEAR, JobConfig
 from grait.events import Cancelled
 from grait.pipeline import RunDirConflict, completed_stages, run_pipeline, stages_for
 from grait.testing import tiny_hyperparameters
@@ -165,15 +165,7 @@ def test_model_that_always_refuses_has_refusal_rate_one(tiny_model_dir, shared_d
             "r": 8,
             "alpha": 16,
             "dropout": 0.0,
-            "target_modules": [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ],
+            "target_modules": list(ALL_LINEAR),
         },
         training={
             "epochs": 30,
