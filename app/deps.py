@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends
@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from app.auth.ratelimit import get_limiter
 from app.auth.service import Principal, authenticate
-from app.db import session_factory
+from app.db import in_request_session, request_session
 from app.errors import APIError
 from app.settings import Settings, get_settings
 from app.storage import Storage, get_storage
@@ -24,32 +24,23 @@ _bearer = HTTPBearer(
 )
 
 
-def _session(settings: Annotated[Settings, Depends(get_settings)]) -> Iterator[Session]:
-    session = session_factory(settings)()
-    try:
-        yield session
-    finally:
-        try:
-            session.close()
-        except Exception:  # noqa: BLE001 - a connection that died mid-request is discarded
-            session.invalidate()
-
-
 def _storage(settings: Annotated[Settings, Depends(get_settings)]) -> Storage:
     return get_storage(settings)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[Session, Depends(_session)]
 StorageDep = Annotated[Storage, Depends(_storage)]
 
 
-def _principal(
-    session: SessionDep,
+async def _principal(
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
-    """The tenant behind the bearer key (401 otherwise), within its key's rate limit (429)."""
+    """The tenant behind the bearer key (401 otherwise), within its key's rate limit (429).
+
+    The key lookup uses a session of its own, closed before the route runs, so an upload
+    holds no connection while its body streams in.
+    """
     if credentials is None or not credentials.credentials:
         raise APIError(
             401,
@@ -57,7 +48,10 @@ def _principal(
             "Send your API key as 'Authorization: Bearer <key>'.",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    principal = authenticate(session=session, key=credentials.credentials)
+    key = credentials.credentials
+    principal = await in_request_session(
+        settings, lambda session: authenticate(session=session, key=key)
+    )
     if principal is None:
         raise APIError(
             401,
@@ -81,3 +75,16 @@ def _principal(
 PrincipalDep = Annotated[Principal, Depends(_principal)]
 # Routers add this so no route under them is reachable without a key.
 REQUIRE_KEY = Depends(_principal)
+
+
+async def _session(settings: SettingsDep, _: PrincipalDep) -> AsyncIterator[Session]:
+    """The route's session, opened only after authentication (see `app.db.request_session`).
+
+    Depending on the principal orders the two: a request never waits for a second database
+    slot while it holds one.
+    """
+    async with request_session(settings) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(_session)]

@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import text
 
-from app.db import session_factory
+from app.db import request_gate, session_factory
 from app.errors import ErrorResponse, error_body
 from app.jobs.service import count_by_status
 from app.models import JOB_STATUSES
@@ -86,7 +86,11 @@ async def readyz(request: Request) -> JSONResponse:
     checks: dict[str, str] = {}
     for name, check in (("database", check_database), ("broker", check_broker)):
         try:
-            await run_in_threadpool(check, settings)
+            if name == "database":
+                async with request_gate():
+                    await run_in_threadpool(check, settings)
+            else:
+                await run_in_threadpool(check, settings)
             checks[name] = "ok"
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             checks[name] = f"{type(exc).__name__}: {exc}"[:300]
@@ -174,5 +178,6 @@ def install_metrics(app: FastAPI, settings: Settings) -> None:
                     ),
                     headers={"WWW-Authenticate": "Bearer"},
                 )
-        body = await run_in_threadpool(generate_latest, registry)
+        async with request_gate():  # the state collector reads the database
+            body = await run_in_threadpool(generate_latest, registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)

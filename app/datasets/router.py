@@ -50,7 +50,6 @@ async def upload_dataset(
     request: Request,
     response: Response,
     principal: PrincipalDep,
-    session: SessionDep,
     settings: SettingsDep,
     storage: StorageDep,
     idempotency_key: IdempotencyKeyHeader = None,
@@ -58,7 +57,6 @@ async def upload_dataset(
     """Upload a QA file; it is stored only if every record reads cleanly."""
     row, replayed = await accept_dataset_upload(
         request,
-        session=session,
         settings=settings,
         storage=storage,
         tenant_id=principal.tenant_id,

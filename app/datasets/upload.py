@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import Request
-from fastapi.concurrency import run_in_threadpool
 from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy.orm import Session
 
 from app.datasets import service
+from app.db import in_request_session
 from app.errors import APIError
 from app.idempotency import Idempotency, run_idempotent
 from app.models import Dataset
@@ -173,7 +173,6 @@ async def receive_upload(
 async def accept_dataset_upload(
     request: Request,
     *,
-    session: Session,
     settings: Settings,
     storage: Storage,
     tenant_id: str,
@@ -187,6 +186,7 @@ async def accept_dataset_upload(
     Returns (dataset, replayed): with an `Idempotency-Key` seen before for the same file and
     fields, the earlier dataset (a multipart body differs on every try by its boundary, so the
     request is identified by the file's sha256, its name and the form fields).
+    The database session opens only once the body is in: a slow upload holds no connection.
     """
     declared = request.headers.get("content-length")
     if (
@@ -212,15 +212,6 @@ async def accept_dataset_upload(
             scope=f"POST {request.url.path}",
             payload={"sha256": upload.sha256, "filename": upload.filename, **upload.fields},
         )
-        if idempotency is not None:
-            earlier = await run_in_threadpool(
-                idempotency.existing, session=session, settings=settings
-            )
-            if earlier is not None:
-                upload.path.unlink(missing_ok=True)
-                return service.get_dataset(
-                    session=session, tenant_id=tenant_id, dataset_id=earlier
-                ), True
     except BaseException:
         upload.path.unlink(missing_ok=True)
         raise
@@ -229,26 +220,34 @@ async def accept_dataset_upload(
         c for c in Path(upload.filename or "").suffix.lower() if c.isalnum() or c == "."
     )
     suffix = suffix if len(suffix) > 1 else ""
+
     staged = upload.path.rename(upload.path.with_suffix(suffix)) if suffix else upload.path
 
-    def store() -> Dataset:
-        return service.store_dataset(
-            session=session,
-            storage=storage,
-            tenant_id=tenant_id,
-            staged=staged,
-            filename=upload.filename or "dataset",
-            name=upload.fields.get("name"),
-            format=upload.fields.get("format", "auto").strip() or "auto",
-            size=upload.size,
-            sha256=upload.sha256,
-            max_rows=settings.max_dataset_rows,
-            idempotency=idempotency,
+    def accept(session: Session) -> tuple[Dataset, bool]:
+        def store() -> Dataset:
+            return service.store_dataset(
+                session=session,
+                storage=storage,
+                tenant_id=tenant_id,
+                staged=staged,
+                filename=upload.filename or "dataset",
+                name=upload.fields.get("name"),
+                format=upload.fields.get("format", "auto").strip() or "auto",
+                size=upload.size,
+                sha256=upload.sha256,
+                max_rows=settings.max_dataset_rows,
+                idempotency=idempotency,
+            )
+
+        def load(dataset_id: str) -> Dataset:
+            return service.get_dataset(session=session, tenant_id=tenant_id, dataset_id=dataset_id)
+
+        return run_idempotent(
+            idempotency, session=session, settings=settings, create=store, load=load
         )
 
-    def load(dataset_id: str) -> Dataset:
-        return service.get_dataset(session=session, tenant_id=tenant_id, dataset_id=dataset_id)
-
-    return await run_in_threadpool(
-        run_idempotent, idempotency, session=session, settings=settings, create=store, load=load
-    )
+    try:
+        return await in_request_session(settings, accept)
+    finally:
+        # Stored datasets were moved out of staging; a replay, conflict or bad file was not.
+        staged.unlink(missing_ok=True)

@@ -95,7 +95,6 @@ async def create_file(
     request: Request,
     response: Response,
     principal: PrincipalDep,
-    session: SessionDep,
     settings: SettingsDep,
     storage: StorageDep,
     idempotency_key: IdempotencyKeyHeader = None,
@@ -103,7 +102,6 @@ async def create_file(
     """A `fine-tune` file is a dataset: same validation, storage and record as /v1/datasets."""
     row, replayed = await accept_dataset_upload(
         request,
-        session=session,
         settings=settings,
         storage=storage,
         tenant_id=principal.tenant_id,
