@@ -1,12 +1,15 @@
-"""`python -m bench.speed [--smoke] [--only features,selection,knowledge,service]`.
+"""`python -m bench.speed [--smoke] [--only features,selection,knowledge,service,pollers]`.
 
-Prints every figure and writes `bench/results/<name>/{results.md, summary.json}`. Feature
-matrices for the selection figures go to `--scratch` (default under /tmp), never the repo.
+Prints every figure and writes `bench/results/<name>/{results.md, summary.json}`. Each part
+is stored with its own date and machine, and a run replaces only the parts it ran, so one part
+can be remeasured (`--only pollers`) without discarding the others. Feature matrices for the
+selection figures go to `--scratch` (default under /tmp), never the repo.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -16,7 +19,7 @@ from bench.common import RESULTS, SHARED_DATA, machine, md_table, write_json
 from grait.config import DEFAULT_BASE_MODEL
 from grait.data import load_records, take, write_jsonl
 
-PARTS = ("features", "selection", "knowledge", "service")
+PARTS = ("features", "selection", "knowledge", "service", "pollers")
 
 
 def _log(message: str) -> None:
@@ -49,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service-eval", type=int, default=8)
     p.add_argument("--service-method", default="grait")
     p.add_argument("--pollers", default="10,100", help="comma list of concurrent poller counts")
+    p.add_argument(
+        "--poll-processes",
+        type=int,
+        default=2,
+        help="load-generator processes the pollers are spread over",
+    )
     p.add_argument("--poll-seconds", type=float, default=10.0)
     return p
 
@@ -61,6 +70,317 @@ def _smoke(args: argparse.Namespace) -> None:
     args.service_train, args.service_eval = 12, 4
     args.poll_seconds = 3.0
     args.service_method = "van"
+
+
+def _load_summary(path: Path) -> dict[str, Any]:
+    """The stored parts; a summary from before per-part storage is read as one dated run."""
+    if not path.exists():
+        return {"parts": {}}
+    old = json.loads(path.read_text())
+    if "parts" in old:
+        return old
+    stamp = {k: old.get(k) for k in ("machine", "base_model", "measured_at")}
+    parts = {k: {**stamp, "result": old[k]} for k in PARTS if k in old}
+    if "service" in parts and "pollers" in parts["service"]["result"]:
+        parts["pollers"] = {**stamp, "result": parts["service"]["result"].pop("pollers")}
+    return {"parts": parts, "smoke": old.get("smoke", False)}
+
+
+def _run_features(args: argparse.Namespace, base_model: str) -> dict[str, Any]:
+    from bench.speed.features import ALL_LINEAR, bench_features
+
+    results = []
+    for t in args.feature_targets.split(","):
+        targets = ["q_proj", "v_proj"] if t.strip() == "qv" else ALL_LINEAR
+        results.append(
+            bench_features(
+                base_model,
+                str(args.data),
+                n=args.feature_samples,
+                batch_size=args.feature_batch,
+                dim=args.dim,
+                targets=targets,
+                log=_log,
+            )
+        )
+    return {"result": results}
+
+
+def _md_features(part: dict[str, Any]) -> list[str]:
+    rows = []
+    for r in part["result"]:
+        s = r["seconds"]
+        rows.append(
+            [
+                r["targets"],
+                f"{r['lora_params']:,}",
+                r["n_samples"],
+                f"{r['mean_tokens']:.0f}",
+                r["dim"],
+                f"{s['floor']:.1f}",
+                f"{s['floor_answer_only']:.1f}",
+                f"{s['features']:.1f}",
+                f"{s['naive']:.1f}",
+                f"**{r['features_vs_floor']:.2f}x**",
+                f"{r['features_vs_floor_answer_only']:.2f}x",
+                f"{r['naive_vs_floor']:.2f}x",
+                f"{r['hook_vs_loop_rel_error']:.1e}",
+            ]
+        )
+    return [
+        "## Per-sample gradient features (goal: within 1.5x of the floor)",
+        "",
+        _stamp(part),
+        "",
+        (
+            "floor = one plain batched forward+backward over the same samples; features = hooks + Adam preconditioning + "
+            "two sparse projections + normalisation (`grait.features.compute_features`, which computes logits only at answer "
+            "positions); floor* = the same plain pass with answer-only logits; naive = a batch-size-1 loop with "
+            "the same post-processing. Error = hook vs loop per-sample gradients (relative L2)."
+        ),
+        "",
+        md_table(
+            [
+                "LoRA targets",
+                "LoRA params",
+                "samples",
+                "tokens/sample",
+                "d",
+                "floor s",
+                "floor* s",
+                "features s",
+                "naive s",
+                "features/floor",
+                "features/floor*",
+                "naive/floor",
+                "error",
+            ],
+            rows,
+        ),
+    ]
+
+
+def _run_selection(args: argparse.Namespace, base_model: str) -> dict[str, Any]:
+    from bench.speed.selection import bench_selection
+
+    sizes = [int(x) for x in args.selection_sizes.split(",")]
+    results = [
+        bench_selection(args.scratch, n, args.dim, block_rows=args.block_rows, log=_log)
+        for n in sizes
+    ]
+    return {"result": results, "block_rows": args.block_rows}
+
+
+def _md_selection(part: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            f"{r['candidates']:,}",
+            f"{r['known_rows']:,}",
+            r["dim"],
+            f"{r['on_disk_gb']:.2f}",
+            f"{r['float32_in_ram_gb']:.2f}",
+            f"**{r['seconds']:.1f}**",
+            f"{r['peak_anon_mb']:.0f}",
+            f"{r['peak_rss_mb']:.0f}",
+        ]
+        for r in part["result"]
+    ]
+    return [
+        "## Selection + weighting on float16 memmaps (goal: 100k candidates within a minute)",
+        "",
+        _stamp(part),
+        "",
+        (
+            "Greedy selection (λ=μ=1, ρ=0) and adaptive weights, streamed in blocks of "
+            f"{part.get('block_rows', 4096)} rows from `.npy` memmaps (page cache warm). Peak anon = heap memory (sampled RssAnon); "
+            "peak RSS (VmHWM) also counts the memmap's file pages, which the kernel can drop."
+        ),
+        "",
+        md_table(
+            [
+                "candidates",
+                "known rows",
+                "d",
+                "on disk GB",
+                "as float32 GB",
+                "seconds",
+                "peak anon MB",
+                "peak RSS MB",
+            ],
+            rows,
+        ),
+    ]
+
+
+def _run_knowledge(args: argparse.Namespace, base_model: str) -> dict[str, Any]:
+    from bench.speed.knowledge import bench_knowledge
+
+    r = bench_knowledge(
+        base_model, str(args.data), n=args.knowledge_questions, batch_size=16, log=_log
+    )
+    return {"result": r, "data": str(args.data)}
+
+
+def _md_knowledge(part: dict[str, Any]) -> list[str]:
+    r = part["result"]
+    q = r["q_per_s"]
+    return [
+        "## Knowledge query (cloze scoring), questions per second",
+        "",
+        _stamp(part),
+        "",
+        md_table(
+            ["mode", "questions/s", "speed-up of batched"],
+            [
+                ["batched (16 sequences per forward)", f"{q['batched']:.2f}", "1.00x"],
+                [
+                    "one question at a time (its options in one forward)",
+                    f"{q['per_question']:.2f}",
+                    f"{r['batched_speedup_vs_per_question']:.2f}x",
+                ],
+                [
+                    "one sequence at a time (batch 1)",
+                    f"{q['batch_1']:.2f}",
+                    f"{r['batched_speedup_vs_batch_1']:.2f}x",
+                ],
+            ],
+        ),
+        "",
+        f"{r['questions']} ARC-Easy questions from `{part.get('data', 'arc_easy/dev.jsonl')}`.",
+    ]
+
+
+def _run_service(args: argparse.Namespace, base_model: str) -> dict[str, Any]:
+    from bench.speed.service import bench_service
+    from grait.testing import tiny_hyperparameters
+
+    data = args.scratch / "service-data"
+    train = take(load_records(args.data), seed=2, shuffle=True, offset=0, limit=args.service_train)
+    ev = take(load_records(args.ood_data), seed=2, shuffle=True, offset=0, limit=args.service_eval)
+    write_jsonl(data / "train.jsonl", (x.to_json() for x in train))
+    write_jsonl(data / "eval.jsonl", (x.to_json() for x in ev))
+    hyper: dict[str, Any] = tiny_hyperparameters() if args.smoke else {"training": {"epochs": 1}}
+    hyper.setdefault("evaluation", {})["eval_base_refuse_prompt"] = False
+    r = bench_service(
+        args.scratch,
+        base_model=base_model,
+        train=data / "train.jsonl",
+        evals=[data / "eval.jsonl"],
+        hyper=hyper,
+        method=args.service_method,
+        log=_log,
+    )
+    return {
+        "result": r,
+        "method": args.service_method,
+        "n_train": args.service_train,
+        "n_eval": args.service_eval,
+        "hyperparameters": hyper,
+    }
+
+
+def _md_service(part: dict[str, Any]) -> list[str]:
+    r = part["result"]
+    job = (
+        f"One `{part.get('method', 'grait')}` job ({part.get('n_train', 32)} train questions, "
+        f"{part.get('n_eval', 8)} eval questions, hyperparameters "
+        f"`{json.dumps(part.get('hyperparameters', {}))}`)."
+    )
+    return [
+        "## Service overhead (embedded mode: SQLite + local queue + worker; goal: within 5% + a few seconds)",
+        "",
+        _stamp(part),
+        "",
+        job,
+        "",
+        md_table(
+            ["path", "seconds"],
+            [
+                ["pipeline called directly (fresh process)", f"{r['direct_seconds']:.1f}"],
+                ["through API + queue + worker (POST to succeeded)", f"{r['api_seconds']:.1f}"],
+                [
+                    "overhead",
+                    f"**{r['overhead_seconds']:+.1f} s ({(r['overhead_ratio'] - 1) * 100:+.1f}%)**",
+                ],
+            ],
+        ),
+    ]
+
+
+def _run_pollers(args: argparse.Namespace, base_model: str) -> dict[str, Any]:
+    from bench.speed.service import bench_pollers
+
+    r = bench_pollers(
+        args.scratch,
+        train=args.data,
+        pollers=[int(x) for x in args.pollers.split(",")],
+        seconds=args.poll_seconds,
+        processes=args.poll_processes,
+        log=_log,
+    )
+    return {"result": r, "seconds": args.poll_seconds, "processes": args.poll_processes}
+
+
+def _md_pollers(part: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            p["clients"],
+            p["requests_ok"],
+            f"{p['requests_per_s']:.0f}",
+            f"{p['p50_ms']:.1f}",
+            f"{p['p99_ms']:.1f}",
+            f"{p['max_ms']:.1f}",
+            p["errors"],
+            ", ".join(f"{k}: {v}" for k, v in p["error_kinds"].items()) or "–",
+        ]
+        for p in part["result"]
+    ]
+    generator = (
+        f"aiohttp keep-alive clients spread over {part['processes']} load-generator processes"
+        if "processes" in part
+        else "one httpx async process"
+    )
+    return [
+        "## Service: `GET /v1/jobs/{id}` under concurrent pollers",
+        "",
+        _stamp(part),
+        "",
+        (
+            f"Embedded server (SQLite), loopback; {generator} on the same machine, "
+            f"{part.get('seconds', 10):.0f} s per row, 10 s client timeout; errors = timeouts or "
+            "non-200. Each poller sends its next request as soon as the last one is answered, "
+            "so p50 ≈ pollers / throughput."
+        ),
+        "",
+        md_table(
+            [
+                "pollers",
+                "requests ok",
+                "requests/s",
+                "p50 ms",
+                "p99 ms",
+                "max ms",
+                "errors",
+                "error kinds",
+            ],
+            rows,
+        ),
+    ]
+
+
+def _stamp(part: dict[str, Any]) -> str:
+    return (
+        f"*Measured {part['measured_at']} on {part['machine']}; base model `{part['base_model']}`.*"
+    )
+
+
+RUNNERS = {
+    "features": (_run_features, _md_features),
+    "selection": (_run_selection, _md_selection),
+    "knowledge": (_run_knowledge, _md_knowledge),
+    "service": (_run_service, _md_service),
+    "pollers": (_run_pollers, _md_pollers),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,241 +400,32 @@ def main(argv: list[str] | None = None) -> int:
         from grait.testing import make_tiny_model
 
         base_model = str(make_tiny_model(args.scratch / "tiny-model"))
-    summary: dict[str, Any] = {
-        "machine": machine(),
-        "base_model": args.base_model
-        or (DEFAULT_BASE_MODEL if not args.smoke else "tiny random Llama (grait.testing)"),
-        "smoke": args.smoke,
-        "measured_at": time.strftime("%Y-%m-%d %H:%M"),
-    }
+    shown_model = args.base_model or (
+        DEFAULT_BASE_MODEL if not args.smoke else "tiny random Llama (grait.testing)"
+    )
+    summary = _load_summary(out_dir / "summary.json")
+    summary["smoke"] = args.smoke
+    for part in parts:
+        run, _ = RUNNERS[part]
+        _log(f"{part}: measuring")
+        entry = run(args, base_model)
+        entry.update(
+            measured_at=time.strftime("%Y-%m-%d %H:%M"), machine=machine(), base_model=shown_model
+        )
+        summary["parts"][part] = entry
+        write_json(out_dir / "summary.json", summary)  # a later part's failure keeps this one
     md = [
         f"# Speed benchmark{' (smoke)' if args.smoke else ''}",
         "",
-        f"- Measured {summary['measured_at']} on {summary['machine']}.",
-        f"- Base model: `{summary['base_model']}`. Each ratio is measured within one run, interleaved where possible.",
+        (
+            "Each ratio is measured within one run, interleaved where possible, so it holds on a "
+            "shared machine; absolute seconds do not. Parts are dated separately (`--only` "
+            "remeasures some and keeps the rest)."
+        ),
     ]
-    if "features" in parts:
-        from bench.speed.features import ALL_LINEAR, bench_features
-
-        rows = []
-        summary["features"] = []
-        for t in args.feature_targets.split(","):
-            targets = ["q_proj", "v_proj"] if t.strip() == "qv" else ALL_LINEAR
-            r = bench_features(
-                base_model,
-                str(args.data),
-                n=args.feature_samples,
-                batch_size=args.feature_batch,
-                dim=args.dim,
-                targets=targets,
-                log=_log,
-            )
-            summary["features"].append(r)
-            s = r["seconds"]
-            rows.append(
-                [
-                    r["targets"],
-                    f"{r['lora_params']:,}",
-                    r["n_samples"],
-                    f"{r['mean_tokens']:.0f}",
-                    r["dim"],
-                    f"{s['floor']:.1f}",
-                    f"{s['floor_answer_only']:.1f}",
-                    f"{s['features']:.1f}",
-                    f"{s['naive']:.1f}",
-                    f"**{r['features_vs_floor']:.2f}x**",
-                    f"{r['features_vs_floor_answer_only']:.2f}x",
-                    f"{r['naive_vs_floor']:.2f}x",
-                    f"{r['hook_vs_loop_rel_error']:.1e}",
-                ]
-            )
-        md += [
-            "",
-            "## Per-sample gradient features (goal: within 1.5x of the floor)",
-            "",
-            (
-                "floor = one plain batched forward+backward over the same samples; features = hooks + Adam preconditioning + "
-                "two sparse projections + normalisation (`grait.features.compute_features`, which computes logits only at answer "
-                "positions); floor* = the same plain pass with answer-only logits; naive = a batch-size-1 loop with "
-                "the same post-processing. Error = hook vs loop per-sample gradients (relative L2)."
-            ),
-            "",
-            md_table(
-                [
-                    "LoRA targets",
-                    "LoRA params",
-                    "samples",
-                    "tokens/sample",
-                    "d",
-                    "floor s",
-                    "floor* s",
-                    "features s",
-                    "naive s",
-                    "features/floor",
-                    "features/floor*",
-                    "naive/floor",
-                    "error",
-                ],
-                rows,
-            ),
-        ]
-    if "selection" in parts:
-        from bench.speed.selection import bench_selection
-
-        rows = []
-        summary["selection"] = []
-        for n in [int(x) for x in args.selection_sizes.split(",")]:
-            r = bench_selection(args.scratch, n, args.dim, block_rows=args.block_rows, log=_log)
-            summary["selection"].append(r)
-            rows.append(
-                [
-                    f"{r['candidates']:,}",
-                    f"{r['known_rows']:,}",
-                    r["dim"],
-                    f"{r['on_disk_gb']:.2f}",
-                    f"{r['float32_in_ram_gb']:.2f}",
-                    f"**{r['seconds']:.1f}**",
-                    f"{r['peak_anon_mb']:.0f}",
-                    f"{r['peak_rss_mb']:.0f}",
-                ]
-            )
-        md += [
-            "",
-            "## Selection + weighting on float16 memmaps (goal: 100k candidates within a minute)",
-            "",
-            (
-                "Greedy selection (λ=μ=1, ρ=0) and adaptive weights, streamed in blocks of "
-                f"{args.block_rows} rows from `.npy` memmaps (page cache warm). Peak anon = heap memory (sampled RssAnon); "
-                "peak RSS (VmHWM) also counts the memmap's file pages, which the kernel can drop."
-            ),
-            "",
-            md_table(
-                [
-                    "candidates",
-                    "known rows",
-                    "d",
-                    "on disk GB",
-                    "as float32 GB",
-                    "seconds",
-                    "peak anon MB",
-                    "peak RSS MB",
-                ],
-                rows,
-            ),
-        ]
-    if "knowledge" in parts:
-        from bench.speed.knowledge import bench_knowledge
-
-        r = bench_knowledge(
-            base_model, str(args.data), n=args.knowledge_questions, batch_size=16, log=_log
-        )
-        summary["knowledge"] = r
-        q = r["q_per_s"]
-        md += [
-            "",
-            "## Knowledge query (cloze scoring), questions per second",
-            "",
-            md_table(
-                ["mode", "questions/s", "speed-up of batched"],
-                [
-                    ["batched (16 sequences per forward)", f"{q['batched']:.2f}", "1.00x"],
-                    [
-                        "one question at a time (its options in one forward)",
-                        f"{q['per_question']:.2f}",
-                        f"{r['batched_speedup_vs_per_question']:.2f}x",
-                    ],
-                    [
-                        "one sequence at a time (batch 1)",
-                        f"{q['batch_1']:.2f}",
-                        f"{r['batched_speedup_vs_batch_1']:.2f}x",
-                    ],
-                ],
-            ),
-            "",
-            f"{r['questions']} ARC-Easy questions from `{args.data}`.",
-        ]
-    if "service" in parts:
-        from bench.speed.service import bench_service
-        from grait.testing import tiny_hyperparameters
-
-        data = args.scratch / "service-data"
-        train = take(
-            load_records(args.data), seed=2, shuffle=True, offset=0, limit=args.service_train
-        )
-        ev = take(
-            load_records(args.ood_data), seed=2, shuffle=True, offset=0, limit=args.service_eval
-        )
-        write_jsonl(data / "train.jsonl", (x.to_json() for x in train))
-        write_jsonl(data / "eval.jsonl", (x.to_json() for x in ev))
-        hyper: dict[str, Any] = (
-            tiny_hyperparameters() if args.smoke else {"training": {"epochs": 1}}
-        )
-        hyper.setdefault("evaluation", {})["eval_base_refuse_prompt"] = False
-        r = bench_service(
-            args.scratch,
-            base_model=base_model,
-            train=data / "train.jsonl",
-            evals=[data / "eval.jsonl"],
-            hyper=hyper,
-            method=args.service_method,
-            pollers=[int(x) for x in args.pollers.split(",")],
-            poll_seconds=args.poll_seconds,
-            log=_log,
-        )
-        summary["service"] = r
-        md += [
-            "",
-            "## Service (embedded mode: SQLite + local queue + worker; goal: overhead within 5% + a few seconds)",
-            "",
-            (
-                f"One `{args.service_method}` job ({args.service_train} train questions, {args.service_eval} eval questions, "
-                f"hyperparameters `{hyper}`)."
-            ),
-            "",
-            md_table(
-                ["path", "seconds"],
-                [
-                    ["pipeline called directly (fresh process)", f"{r['direct_seconds']:.1f}"],
-                    ["through API + queue + worker (POST to succeeded)", f"{r['api_seconds']:.1f}"],
-                    [
-                        "overhead",
-                        f"**{r['overhead_seconds']:+.1f} s ({(r['overhead_ratio'] - 1) * 100:+.1f}%)**",
-                    ],
-                ],
-            ),
-            "",
-            (
-                f"`GET /v1/jobs/{{id}}` under concurrent pollers (httpx async, loopback, {args.poll_seconds:.0f} s each, "
-                "10 s client timeout; errors = timeouts or non-200):"
-            ),
-            "",
-            md_table(
-                [
-                    "pollers",
-                    "requests ok",
-                    "requests/s",
-                    "p50 ms",
-                    "p99 ms",
-                    "max ms",
-                    "errors",
-                    "error kinds",
-                ],
-                [
-                    [
-                        p["clients"],
-                        p["requests_ok"],
-                        f"{p['requests_per_s']:.0f}",
-                        f"{p['p50_ms']:.1f}",
-                        f"{p['p99_ms']:.1f}",
-                        f"{p['max_ms']:.1f}",
-                        p["errors"],
-                        ", ".join(f"{k}: {v}" for k, v in p["error_kinds"].items()) or "–",
-                    ]
-                    for p in r["pollers"]
-                ],
-            ),
-        ]
+    for part in PARTS:
+        if part in summary["parts"]:
+            md += ["", *RUNNERS[part][1](summary["parts"][part])]
     (out_dir / "results.md").write_text("\n".join(md) + "\n")
-    write_json(out_dir / "summary.json", summary)
     print("\n".join(md))
     return 0

@@ -78,6 +78,13 @@ def bench_features(
 ) -> dict[str, Any]:
     runtime = pick_runtime()
     model, tok = load_base_model(base_model, runtime)
+
+    def clock() -> float:
+        """perf_counter once the GPU's queued work is done (CUDA calls return early)."""
+        if runtime.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     records = take(load_records(data_path), seed=0, shuffle=True, offset=0, limit=n)
     items = [
         encode_training_pair(tok, r, r.answer_text, refusal="I don't know.", max_length=512)
@@ -126,13 +133,13 @@ def bench_features(
         # one untimed warm-up pass of each path
         _floor(peft_model, batches[0], tok.pad_token_id)
         for i, batch in enumerate(batches):
-            t = time.perf_counter()
+            t = clock()
             _floor(peft_model, batch, tok.pad_token_id)
-            times["floor"] += time.perf_counter() - t
-            t = time.perf_counter()
+            times["floor"] += clock() - t
+            t = clock()
             _floor_answer_only(peft_model, batch, tok.pad_token_id)
-            times["floor_answer_only"] += time.perf_counter() - t
-            t = time.perf_counter()
+            times["floor_answer_only"] += clock() - t
+            t = clock()
             compute_features(
                 peft_model,
                 capture,
@@ -144,11 +151,11 @@ def bench_features(
                 out_raw=out_raw[: len(batch)],
                 out_pre=out_pre[: len(batch)],
             )
-            times["features"] += time.perf_counter() - t
+            times["features"] += clock() - t
             capture.close()
-            t = time.perf_counter()
+            t = clock()
             _naive(peft_model, params, batch, tok.pad_token_id, post)
-            times["naive"] += time.perf_counter() - t
+            times["naive"] += clock() - t
             capture = LoraGradientCapture(peft_model)
             log(
                 f"features [{','.join(targets) if len(targets) < 3 else 'all linear'}]: batch {i + 1}/{len(batches)}"

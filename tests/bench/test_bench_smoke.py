@@ -80,17 +80,44 @@ def test_speed_smoke_writes_every_figure(tmp_path: Path) -> None:
         "Per-sample gradient features",
         "Selection + weighting",
         "Knowledge query",
-        "Service",
+        "Service overhead",
+        "Service: `GET /v1/jobs/{id}` under concurrent pollers",
     ):
         assert f"## {section}" in md
-    feat = summary["features"][0]
+    parts = summary["parts"]
+    feat = parts["features"]["result"][0]
     assert feat["hook_vs_loop_rel_error"] < 1e-3
     assert feat["features_vs_floor"] > 0 and feat["naive_vs_floor"] > 0
-    assert [r["candidates"] for r in summary["selection"]] == [1000, 4000]
-    assert all(r["selected"] == r["budget"] for r in summary["selection"])
-    assert summary["knowledge"]["q_per_s"]["batched"] > 0
-    service = summary["service"]
+    assert [r["candidates"] for r in parts["selection"]["result"]] == [1000, 4000]
+    assert all(r["selected"] == r["budget"] for r in parts["selection"]["result"])
+    assert parts["knowledge"]["result"]["q_per_s"]["batched"] > 0
+    service = parts["service"]["result"]
     assert service["direct_seconds"] > 0 and service["api_seconds"] > 0
-    assert [p["clients"] for p in service["pollers"]] == [10, 100]
+    pollers = parts["pollers"]["result"]
+    assert [p["clients"] for p in pollers] == [10, 100]
+    assert all(p["errors"] == 0 and p["requests_ok"] > 0 for p in pollers), pollers
     assert len(_table_rows(md, "Selection + weighting")) == 2
     assert not list((tmp_path / "smoke-speed").glob("*.npy"))  # feature matrices stay in scratch
+
+    # Remeasuring one part keeps the others and their dates.
+    before = {k: v["measured_at"] for k, v in parts.items()}
+    assert (
+        main(
+            [
+                "--smoke",
+                "--only",
+                "pollers",
+                "--results-dir",
+                str(tmp_path),
+                "--scratch",
+                str(tmp_path / "scratch"),
+            ]
+        )
+        == 0
+    )
+    again = json.loads((out / "summary.json").read_text())["parts"]
+    assert set(again) == set(parts)
+    assert {k: again[k]["measured_at"] for k in again if k != "pollers"} == {
+        k: v for k, v in before.items() if k != "pollers"
+    }
+    assert "## Knowledge query" in (out / "results.md").read_text()
