@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 
 from grait.data import DataError, QARecord, detect_format, load_records, read_jsonl, write_jsonl
+from tests.conftest import SHARED_DATA
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 MMLU_HEADER = "id,lang,question,A,B,C,D,target\n"
 
 

@@ -107,11 +107,25 @@ def test_same_seed_gives_the_same_selection_and_adapter(tiny_model_dir, shared_d
     cfg = _config(tiny_model_dir, shared_data, evals=[])
     a = run_pipeline(cfg, tmp_path / "a")
     b = run_pipeline(cfg, tmp_path / "b")
-    assert a.artifacts["selection"].read_text() == b.artifacts["selection"].read_text()
     wa = load_file(a.adapter_dir / "adapter_model.safetensors")
     wb = load_file(b.adapter_dir / "adapter_model.safetensors")
     assert wa.keys() == wb.keys()
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    if not torch.cuda.is_available():  # CPU kernels are deterministic: bit for bit
+        assert a.artifacts["selection"].read_text() == b.artifacts["selection"].read_text()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+        return
+    # CUDA reductions are not bitwise reproducible (measured on an H100: scores differ in the
+    # 5th digit); the selection itself, its order and the adapter must still agree.
+    rows_a, rows_b = (
+        [json.loads(line) for line in r.artifacts["selection"].read_text().splitlines()]
+        for r in (a, b)
+    )
+    assert [(r["id"], r["selected"], r.get("rank")) for r in rows_a] == [
+        (r["id"], r["selected"], r.get("rank")) for r in rows_b
+    ]
+    for ra, rb in zip(rows_a, rows_b):
+        assert ra["score"] == pytest.approx(rb["score"], rel=1e-3, abs=1e-4)
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-2, atol=1e-4) for k in wa)
 
 
 def test_a_different_spec_in_the_same_run_dir_is_refused(tiny_model_dir, shared_data, tmp_path):
@@ -176,6 +190,9 @@ def test_model_that_always_refuses_has_refusal_rate_one(tiny_model_dir, shared_d
             "lr_scheduler": "constant",
         },
         evaluation={"max_new_tokens": 6, "batch_size": 8, "eval_base_refuse_prompt": False},
+        # The claim is about refusal accounting, not bf16 numerics: on an H100 in bf16 this
+        # width-32 model refused every ARC question but garbled NQ ones ("I donowed...").
+        dtype="float32",
     )
     result = run_pipeline(cfg, tmp_path / "run")
     for ev in result.report["evals"]:

@@ -22,8 +22,9 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, make_url, text
 
+from tests.conftest import SHARED_DATA
+
 ROOT = Path(__file__).resolve().parents[2]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 PYTHON = sys.executable
 IN_CI = os.environ.get("CI", "").lower() == "true"
 TERMINAL = {"succeeded", "failed", "cancelled"}
