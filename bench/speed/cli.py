@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="load-generator processes the pollers are spread over",
     )
     p.add_argument("--poll-seconds", type=float, default=10.0)
+    p.add_argument("--note", help="stored with the parts measured now, e.g. what else ran")
     return p
 
 
@@ -412,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         entry.update(
             measured_at=time.strftime("%Y-%m-%d %H:%M"), machine=machine(), base_model=shown_model
         )
+        if args.note:
+            entry["note"] = args.note
         summary["parts"][part] = entry
         write_json(out_dir / "summary.json", summary)  # a later part's failure keeps this one
     md = [
