@@ -255,6 +255,22 @@ def start_api(
     return proc, base
 
 
+def start_embedded_api(
+    folder: Path, log_dir: Path, *, name: str, **settings: str
+) -> tuple[Process, str]:
+    """`python -m app serve` in `folder` with no GRAIT_* from outside but `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRAIT_")}
+    env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **settings)
+    return start_api(
+        env,
+        log_dir,
+        name=name,
+        cmd=[PYTHON, "-m", "app", "serve", "--port", "{port}"],
+        cwd=folder,
+        timeout=60,
+    )
+
+
 @pytest.fixture(scope="session")
 def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")

@@ -9,7 +9,6 @@ thread: no answers at all until the pool's 30 s timeout turned them into 500s.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import PYTHON, ROOT, bearer, start_api
+from .conftest import bearer, start_embedded_api
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -63,21 +62,13 @@ def live_api(
     if request.param == "postgres":
         yield request.getfixturevalue("api_url"), request.getfixturevalue("api_key")
         return
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GRAIT_")}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        PYTHONUNBUFFERED="1",
+    api, base = start_embedded_api(
+        tmp_path,
+        logs_dir,
+        name="embedded-concurrency",
         GRAIT_BOOTSTRAP_API_KEY=EMBEDDED_KEY,
         GRAIT_RATE_LIMIT_PER_SECOND="0",
         GRAIT_EMBEDDED_WORKER="false",
-    )
-    api, base = start_api(
-        env,
-        logs_dir,
-        name="embedded-concurrency",
-        cmd=[PYTHON, "-m", "app", "serve", "--port", "{port}"],
-        cwd=tmp_path,
-        timeout=60,
     )
     try:
         yield base, EMBEDDED_KEY

@@ -9,13 +9,11 @@ import httpx
 import pytest
 
 from .conftest import (
-    PYTHON,
-    ROOT,
     TERMINAL,
     all_events,
     bearer,
     printed_api_key,
-    start_api,
+    start_embedded_api,
     tiny_job,
     upload,
     wait_for,
@@ -40,15 +38,8 @@ def processes_in(folder: Path) -> list[int]:
 def test_embedded_mode_serves_a_job_with_sqlite_and_no_servers(
     tmp_path: Path, data_dir: Path, tiny_model: Path, logs_dir: Path
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GRAIT_")}
-    env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", GRAIT_BROKER_POLLING_INTERVAL="0.1")
-    api, base = start_api(
-        env,
-        logs_dir,
-        name="embedded",
-        cmd=[PYTHON, "-m", "app", "serve", "--port", "{port}"],
-        cwd=tmp_path,
-        timeout=60,
+    api, base = start_embedded_api(
+        tmp_path, logs_dir, name="embedded", GRAIT_BROKER_POLLING_INTERVAL="0.1"
     )
     try:
         assert "http://127.0.0.1:" in api.log()

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import openai
 import pytest
 
-from .conftest import PYTHON, ROOT, TERMINAL, printed_api_key, start_api, wait_for
+from .conftest import TERMINAL, printed_api_key, start_embedded_api, wait_for
 from .test_openai_client import chat_lines
 
 pytestmark = pytest.mark.timeout(240)
@@ -23,15 +22,8 @@ def test_supervised_job_on_chat_files_with_sqlite_and_the_embedded_worker(
     (tmp_path / "valid.jsonl").write_text(chat_lines(40, 4), encoding="utf-8")
     hyper = tiny_hyperparameters()
     hyper["evaluation"]["eval_base_refuse_prompt"] = False
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GRAIT_")}
-    env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", GRAIT_BROKER_POLLING_INTERVAL="0.1")
-    api, base = start_api(
-        env,
-        logs_dir,
-        name="openai-embedded",
-        cmd=[PYTHON, "-m", "app", "serve", "--port", "{port}"],
-        cwd=tmp_path,
-        timeout=60,
+    api, base = start_embedded_api(
+        tmp_path, logs_dir, name="openai-embedded", GRAIT_BROKER_POLLING_INTERVAL="0.1"
     )
     try:
         # First start with no key: `serve` made one for tenant `default` and printed it once.
