@@ -145,27 +145,22 @@ def prepare_real(args: argparse.Namespace, folder: Path) -> tuple[Path, list[Eva
         limit=None,
     )
     train = train_all_recs[: args.n_train]
-    if args.id_eval:
-        id_recs = take(
-            load_records(args.id_eval, args.id_format),
-            seed=args.data_seed,
-            shuffle=True,
-            offset=0,
-            limit=args.n_eval,
+
+    def eval_excerpt(path: str, fmt: str) -> list:
+        """`--n-eval` records of an eval file, shuffled by `--data-seed`."""
+        return take(
+            load_records(path, fmt), seed=args.data_seed, shuffle=True, offset=0, limit=args.n_eval
         )
+
+    if args.id_eval:
+        id_recs = eval_excerpt(args.id_eval, args.id_format)
     else:
         id_recs = train_all_recs[args.n_train : args.n_train + args.n_eval]
         if len(id_recs) < args.n_eval:
             raise SystemExit(
                 f"{args.train}: {len(train_all_recs)} records cannot give {args.n_train} train + {args.n_eval} eval"
             )
-    ood = take(
-        load_records(args.ood_eval, args.ood_format),
-        seed=args.data_seed,
-        shuffle=True,
-        offset=0,
-        limit=args.n_eval,
-    )
+    ood = eval_excerpt(args.ood_eval, args.ood_format)
     names = (_label(args.id_eval or args.train) + "-id", _label(args.ood_eval) + "-ood")
     paths = {
         "train": folder / "train.jsonl",
