@@ -14,8 +14,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Method = Literal["grait", "grait-noweight", "random-idk", "rtuning", "van"]
-METHODS: tuple[str, ...] = ("grait", "grait-noweight", "random-idk", "rtuning", "van")
+from grait.methods import METHOD_NAMES as METHODS  # noqa: F401  (re-exported)
+from grait.methods import method_spec
+
+Method = Literal["grait", "grait-noweight", "random-idk", "stratified-random", "rtuning", "van"]
 DataFormat = Literal["auto", "canonical", "mmlu", "arc", "nq", "openai_chat"]
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 REFUSAL = "I don't know."
@@ -99,7 +101,12 @@ class LoraConfigSpec(_Strict):
 class WarmupConfig(_Strict):
     """Stage 2a: a short LoRA warm-up whose AdamW moments precondition the features."""
 
-    fraction: float = Field(0.05, gt=0.0, le=1.0, description="Share of the RAIT data trained on.")
+    data: Literal["known", "mixed"] = Field(
+        "known",
+        description="known: the kept known samples with their answers (as the authors' release); "
+        "mixed: a random share of the RAIT data, refusals included.",
+    )
+    fraction: float = Field(0.05, gt=0.0, le=1.0, description="Share of the data trained on.")
     min_samples: int = Field(
         8, ge=1, description="Floor on the warm-up set size for small datasets."
     )
@@ -125,19 +132,47 @@ class FeaturesConfig(_Strict):
 
 
 class SelectionConfig(_Strict):
-    """Stage 2c: greedy idk selection, score = I_idk - lam*I_ik + mu*VAN - rho*max_sim."""
+    """Stage 2c: the order in which unknowns become refusals (a budget takes a prefix).
 
-    lam: float = Field(1.0, description="Weight of the over-refusal term I_ik.")
-    mu: float = Field(1.0, description="Weight of the agreement with kept ik answers.")
-    rho: float = Field(0.0, description="Weight of the redundancy penalty (max sim to selected).")
+    `coverage`: greedy facility location, mean_idk max_S k − lam·mean_ik max_S k with
+    k = max(0, cos) on centred features. `score`: the paper's linear score
+    I_idk − lam·I_ik + mu·VAN − rho·max_sim (a top-n when rho = 0).
+    """
+
+    strategy: Literal["coverage", "score"] = "coverage"
+    lam: float = Field(1.0, description="Weight of the over-refusal (known-sample) term.")
+    mu: float = Field(1.0, description="score: weight of the agreement with kept ik answers.")
+    rho: float = Field(0.0, description="score: weight of the redundancy penalty.")
+    centre: bool = Field(
+        True,
+        description="Subtract the mean feature before comparing (removes the shared refusal direction).",
+    )
+    candidate_features: Literal["raw", "preconditioned"] = Field(
+        "raw", description="coverage/stratified: which refusal features describe a candidate."
+    )
+    max_references: int = Field(
+        4096,
+        ge=1,
+        description="coverage: unknowns/knowns compared against (seeded sample above this).",
+    )
+    clusters: int | None = Field(
+        None, ge=1, description="stratified-random: clusters; None = about sqrt(n/2)."
+    )
     block_rows: int = Field(
         4096, ge=1, description="Rows per block when streaming stored features."
     )
 
 
 class WeightingConfig(_Strict):
-    """Stage 3: w = N * softmax(-(I_ik - I_idk)/T), clipped."""
+    """Stage 3: w = N * softmax(-(I_ik - I_idk)/T), clipped.
 
+    `relative` (default): T = relative_temperature * std(alpha) over the candidates, so the
+    spread of the weights does not depend on the scale of the influence terms. `absolute`:
+    T = temperature (the paper's 0.05).
+    """
+
+    temperature_scale: Literal["relative", "absolute"] = "relative"
+    relative_temperature: float = Field(1.0, gt=0.0)
     temperature: float = Field(0.05, gt=0.0)
     w_min: float = Field(0.1, ge=0.0)
     w_max: float = Field(5.0, gt=0.0)
@@ -153,6 +188,9 @@ class TrainingConfig(_Strict):
     """Weighted LoRA SFT. Release: lr 2e-4, cosine, 3% warm-up, 3 epochs, batch 16, clip 1."""
 
     epochs: float = Field(3.0, gt=0.0)
+    max_steps: int | None = Field(
+        None, ge=1, description="Fixed optimizer steps whatever the set size (overrides epochs)."
+    )
     learning_rate: float = Field(2e-4, gt=0.0)
     batch_size: int = Field(16, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -204,8 +242,8 @@ class JobConfig(_Strict):
 
     @property
     def uses_features(self) -> bool:
-        """Only the gradient-selected methods pay for Stage 2."""
-        return self.method in ("grait", "grait-noweight")
+        """Only the methods that rank or cluster by gradients pay for Stage 2."""
+        return method_spec(self.method).uses_features
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> JobConfig:

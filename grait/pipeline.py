@@ -48,12 +48,12 @@ from grait.knowledge import (
     query_oeqa,
     split_known_unknown,
 )
+from grait.methods import method_spec
 from grait.models import count_parameters, load_base_model, pick_runtime
 from grait.prompts import encode_training_pair
+from grait.ranking import Features, rank_candidates, refusal_weights
 from grait.report import write_report
-from grait.selection import RowView, select_idk_samples
 from grait.training import TrainSettings, WeightedExample, attached_lora, train_weighted
-from grait.weighting import adaptive_weights
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -95,13 +95,7 @@ def completed_stages(run_dir: Path) -> list[dict[str, Any]]:
 
 def stages_for(method: str) -> tuple[str, ...]:
     """Which stages a method runs; the rest are reported as skipped."""
-    if method == "van":
-        return ("training", "evaluation")
-    if method in ("rtuning",):
-        return ("knowledge_query", "training", "evaluation")
-    if method == "random-idk":
-        return ("knowledge_query", "selection", "training", "evaluation")
-    return STAGES
+    return method_spec(method).stages
 
 
 class _Run:
@@ -214,13 +208,25 @@ def _rait_target(run: _Run, index: int, split: dict[str, Any]) -> str:
     return run.config.refusal if index in idk else run.train[index].answer_text
 
 
+def warmup_rows(cfg: JobConfig, n_train: int, known_rows: list[int]) -> list[int]:
+    """Training rows the warm-up sees (sorted).
+
+    `known` (default): the kept known samples with their real answers, as the authors'
+    release warmed up. A warm-up that is half refusals makes Adam's first moment the refusal
+    direction itself, which then dominates every preconditioned feature (quality-study.md).
+    Falls back to `mixed` when nothing is known.
+    """
+    pool = list(known_rows) if cfg.warmup.data == "known" and known_rows else list(range(n_train))
+    size = min(len(pool), max(cfg.warmup.min_samples, round(cfg.warmup.fraction * len(pool))))
+    return sorted(random.Random(cfg.seed).sample(pool, size))
+
+
 def _stage_warmup(run: _Run, out: Path) -> dict[str, Any]:
     cfg = run.config
     split = _split(run)
     model, tok = run.model
-    n = len(run.train)
-    size = min(n, max(cfg.warmup.min_samples, round(cfg.warmup.fraction * n)))
-    chosen = sorted(random.Random(cfg.seed).sample(range(n), size))
+    chosen = warmup_rows(cfg, len(run.train), split["ik_kept"])
+    size = len(chosen)
     examples = [
         WeightedExample(run.encode(run.train[i], _rait_target(run, i, split)), 1.0) for i in chosen
     ]
@@ -327,56 +333,31 @@ def _stage_features(run: _Run, out: Path) -> dict[str, Any]:
     }
 
 
+def load_features(run_dir: Path) -> Features:
+    """Stage 2's stored matrices (memory-mapped float16)."""
+    store = FeatureStore(run_dir / "gradient_features")
+    return Features(store.open("idk_pre"), store.open("idk_raw"), store.open("van_raw"))
+
+
 def _stage_selection(run: _Run, out: Path) -> dict[str, Any]:
-    """Stage 2c (selection) and Stage 3 (weights): which unknowns become refusals, how strongly."""
+    """Stage 2c (ranking, budget) and Stage 3 (weights): which unknowns become refusals."""
     cfg = run.config
+    spec = method_spec(cfg.method)
     split = _split(run)
     idk_rows: list[int] = split["idk_all"]
     budget: int = split["n_idk_budget"]
-    n_cand = len(idk_rows)
-    terms: dict[str, np.ndarray] = {}
-    if cfg.method == "random-idk":
-        picked = sorted(random.Random(cfg.seed).sample(range(n_cand), budget))
-        weights = np.ones(len(picked))
-    else:
-        store = FeatureStore(run.stage_dir("gradient_features"))
-        idk_pre, idk_raw, van_raw = (
-            store.open("idk_pre"),
-            store.open("idk_raw"),
-            store.open("van_raw"),
-        )
-        block = cfg.selection.block_rows
-        result = select_idk_samples(
-            RowView(idk_pre, idk_rows),
-            RowView(idk_raw, idk_rows),
-            RowView(idk_raw, split["ik_all"]),
-            RowView(van_raw),
-            budget,
-            lam=cfg.selection.lam,
-            mu=cfg.selection.mu,
-            rho=cfg.selection.rho,
-            block_rows=block,
-        )
-        picked = result.selected
-        terms = {
-            "i_idk": result.i_idk,
-            "i_ik": result.i_ik,
-            "van": result.van,
-            "redundancy": result.redundancy,
-            "score": result.score,
-        }
-        if cfg.method == "grait":
-            w = cfg.weighting
-            weights = adaptive_weights(
-                result.i_idk[picked],
-                result.i_ik[picked],
-                temperature=w.temperature,
-                w_min=w.w_min,
-                w_max=w.w_max,
-            )
-        else:
-            weights = np.ones(len(picked))
-    rank = {cand: r for r, cand in enumerate(picked)}
+    assert spec.ranking is not None
+    ranking = rank_candidates(
+        spec.ranking,
+        idk_rows=idk_rows,
+        ik_rows=split["ik_all"],
+        features=load_features(run.run_dir) if spec.uses_features else None,
+        cfg=cfg.selection,
+        seed=cfg.seed,
+    )
+    picked = ranking.order[:budget]
+    weights = refusal_weights(ranking, picked, cfg.weighting, weighted=spec.weighted)
+    rank = {cand: r for r, cand in enumerate(ranking.order)}
     weight_of = {cand: float(weights[r]) for r, cand in enumerate(picked)}
     rows = []
     for cand, row in enumerate(idk_rows):
@@ -384,10 +365,10 @@ def _stage_selection(run: _Run, out: Path) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "id": rec.id,
             "row": row,
-            "selected": cand in rank,
+            "selected": cand in weight_of,
             "rank": rank.get(cand),
         }
-        for name, values in terms.items():
+        for name, values in ranking.terms.items():
             value = float(values[cand])
             entry[name] = None if np.isnan(value) else value
         entry["weight"] = weight_of.get(cand)
@@ -397,7 +378,7 @@ def _stage_selection(run: _Run, out: Path) -> dict[str, Any]:
     (out / "selected.json").write_text(
         json.dumps({"rows": chosen, "weights": [float(x) for x in weights]})
     )
-    metrics: dict[str, Any] = {"candidates": n_cand, "selected": len(chosen)}
+    metrics: dict[str, Any] = {"candidates": len(idk_rows), "selected": len(chosen)}
     if len(weights):
         metrics.update(weight_min=float(np.min(weights)), weight_max=float(np.max(weights)))
     return metrics
@@ -406,10 +387,11 @@ def _stage_selection(run: _Run, out: Path) -> dict[str, Any]:
 def _training_set(run: _Run) -> list[tuple[int, str, str, float]]:
     """(row, kind, target, weight) for every training example of the method."""
     cfg = run.config
-    if cfg.method == "van":
+    refusals = method_spec(cfg.method).refusals
+    if refusals == "none":
         return [(i, "answer", r.answer_text, 1.0) for i, r in enumerate(run.train)]
     split = _split(run)
-    if cfg.method == "rtuning":
+    if refusals == "all":
         known = [(i, "ik", run.train[i].answer_text, 1.0) for i in split["ik_all"]]
         return known + [(i, "idk", cfg.refusal, 1.0) for i in split["idk_all"]]
     chosen = json.loads((run.stage_dir("selection") / "selected.json").read_text())
@@ -448,6 +430,7 @@ def _stage_training(run: _Run, out: Path) -> dict[str, Any]:
         grad_clip=t.grad_clip,
         weight_decay=t.weight_decay,
         seed=cfg.seed,
+        max_steps=t.max_steps,
     )
     losses: list[float] = []
 

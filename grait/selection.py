@@ -150,3 +150,133 @@ def select_idk_samples(
         sims = matvecs(idk_pre, idk_pre.row(best), block_rows)[:, 0]
         max_sim = sims if len(picked) == 1 else np.maximum(max_sim, sims)
     return SelectionResult(picked, i_idk, i_ik, van, redundancy, score)
+
+
+# ---- coverage-aware selection -----------------------------------------------------------------
+#
+# quality-study.md: a top-n of a linear score over template-clustered features picks the best
+# cluster, and refusal is learned per template, so a top-n covers one template. The functions
+# below return a full *order* of the candidates (a budget of b takes the first b), so one
+# ranking serves every budget of a trade-off curve and nested budgets stay comparable.
+
+
+def normalise_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms == 0, 1.0, norms)
+
+
+def centre_features(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Subtract the shared direction (e.g. the mean refusal feature) and renormalise.
+
+    Refusal gradients share the " I don't know." target, so raw cosines are dominated by one
+    common component; what distinguishes samples is what remains after removing it.
+    """
+    return normalise_rows(np.asarray(x, dtype=np.float32) - np.asarray(mean, dtype=np.float32))
+
+
+def reference_rows(n: int, cap: int, seed: int) -> np.ndarray:
+    """All rows when n <= cap, else a seeded sample of `cap` rows (keeps the kernel n x cap)."""
+    if n <= cap:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=cap, replace=False))
+
+
+@dataclass(frozen=True)
+class CoverageResult:
+    """A full order of the candidates and each pick's marginal gain (unknowns, knowns)."""
+
+    order: list[int]
+    gain: np.ndarray  # net gain at the time of the pick, in pick order
+    idk_gain: np.ndarray
+    ik_gain: np.ndarray
+
+
+def facility_location_order(
+    candidates: np.ndarray,
+    idk_refs: np.ndarray,
+    ik_refs: np.ndarray,
+    *,
+    lam: float = 1.0,
+) -> CoverageResult:
+    """Greedy order maximising mean_z∈idk max_s k(s,z) − λ·mean_z∈ik max_s k(s,z).
+
+    k(x,z) = max(0, cos(x,z)) on (centred) features. A pick covers the unknowns its refusal
+    gradient resembles (it will spread refusal to them, O1) and is charged for the knowns it
+    resembles (over-refusal, O2); once a region is covered, more picks there gain nothing, so
+    the picks spread over the candidates instead of stacking in one cluster. Every candidate
+    is ordered; gains may turn negative late in the order, which the caller may read as
+    "refusing more costs more than it covers".
+    """
+    cand = np.asarray(candidates, dtype=np.float32)
+    k_idk = np.maximum(cand @ np.asarray(idk_refs, dtype=np.float32).T, 0.0)
+    k_ik = np.maximum(cand @ np.asarray(ik_refs, dtype=np.float32).T, 0.0)
+    cover_idk = np.zeros(k_idk.shape[1], dtype=np.float32)
+    cover_ik = np.zeros(k_ik.shape[1], dtype=np.float32)
+    available = np.ones(len(cand), dtype=bool)
+    none = np.zeros(len(cand), dtype=np.float32)
+    order: list[int] = []
+    gains, idk_gains, ik_gains = [], [], []
+    for _ in range(len(cand)):
+        g_idk = np.maximum(k_idk - cover_idk, 0.0).mean(axis=1) if k_idk.shape[1] else none
+        g_ik = np.maximum(k_ik - cover_ik, 0.0).mean(axis=1) if k_ik.shape[1] else none
+        net = np.where(available, g_idk - lam * g_ik, -np.inf)
+        best = int(np.argmax(net))  # ties -> earliest candidate
+        order.append(best)
+        gains.append(float(net[best]))
+        idk_gains.append(float(g_idk[best]))
+        ik_gains.append(float(g_ik[best]))
+        available[best] = False
+        if k_idk.shape[1]:
+            cover_idk = np.maximum(cover_idk, k_idk[best])
+        if k_ik.shape[1]:
+            cover_ik = np.maximum(cover_ik, k_ik[best])
+    return CoverageResult(order, np.array(gains), np.array(idk_gains), np.array(ik_gains))
+
+
+def spherical_kmeans(x: np.ndarray, k: int, *, seed: int, iterations: int = 50) -> np.ndarray:
+    """Cluster labels of unit rows by cosine (k-means++ start); small and dependency-free."""
+    x = normalise_rows(np.asarray(x, dtype=np.float32))
+    n = len(x)
+    k = max(1, min(k, n))
+    rng = np.random.default_rng(seed)
+    centres = [x[rng.integers(n)]]
+    for _ in range(1, k):
+        dist = np.clip(1.0 - np.max(x @ np.stack(centres).T, axis=1), 0.0, None)
+        total = dist.sum()
+        pick = rng.integers(n) if total <= 0 else rng.choice(n, p=dist / total)
+        centres.append(x[pick])
+    c = np.stack(centres)
+    labels = np.zeros(n, dtype=np.int64)
+    for step in range(iterations):
+        new = np.argmax(x @ c.T, axis=1)
+        if step and np.array_equal(new, labels):
+            break
+        labels = new
+        for j in range(k):
+            members = x[labels == j]
+            if len(members):
+                c[j] = normalise_rows(members.sum(axis=0, keepdims=True))[0]
+    return labels
+
+
+def stratified_random_order(labels: np.ndarray, *, seed: int) -> list[int]:
+    """Round robin over clusters (random order within each): any prefix takes equal counts.
+
+    The baseline a gradient method has to beat once coverage is the point: it uses the same
+    features, but no influence scores and no labels a user lacks.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    clusters = [list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)]
+    rng.shuffle(clusters)
+    order: list[int] = []
+    while any(clusters):
+        for members in clusters:
+            if members:
+                order.append(int(members.pop()))
+    return order
+
+
+def default_cluster_count(n_candidates: int) -> int:
+    """About √(n/2) clusters: a rule of thumb that needs no knowledge of the data's topics."""
+    return max(1, round((n_candidates / 2) ** 0.5))

@@ -121,6 +121,9 @@ class TrainSettings:
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     seed: int = 0
+    max_steps: int | None = (
+        None  # fixes the optimizer steps whatever the set size (overrides epochs)
+    )
 
 
 def lora_config(spec: LoraConfigSpec) -> LoraConfig:
@@ -182,12 +185,13 @@ def train_weighted(
     steps_per_epoch = math.ceil(
         len(examples) / (settings.batch_size * settings.gradient_accumulation_steps)
     )
-    total_steps = max(1, math.ceil(steps_per_epoch * settings.epochs))
+    total_steps = settings.max_steps or max(1, math.ceil(steps_per_epoch * settings.epochs))
     args = TrainingArguments(
         output_dir=str(work_dir),
         per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps or -1,
         learning_rate=settings.learning_rate,
         lr_scheduler_type=settings.lr_scheduler,
         warmup_steps=round(settings.warmup_ratio * total_steps),

@@ -144,6 +144,69 @@ RELATIONS: list[tuple[str, str, tuple[str, str, str], str, str]] = [
         "word",
     ),
 ]
+# Six more relations for the topic-following testbed (12 relations, each taught at its own rate).
+MORE_RELATIONS: list[tuple[str, str, tuple[str, str, str], str, str]] = [
+    (
+        "language",
+        "the island of {e}",
+        (
+            "Which language is spoken on {E}?",
+            "What language do people speak on {E}?",
+            "Name the language of {E}.",
+        ),
+        "The language spoken on {E} is {a}.",
+        "word",
+    ),
+    (
+        "founder",
+        "the {e} company",
+        ("Who founded {E}?", "Who is the founder of {E}?", "Name the person who started {E}."),
+        "{E} was founded by {a}.",
+        "person",
+    ),
+    (
+        "mascot",
+        "the {e} rowing team",
+        (
+            "Which animal is the mascot of {E}?",
+            "What animal does {E} have as its mascot?",
+            "Name the mascot animal of {E}.",
+        ),
+        "The mascot of {E} is the {a}.",
+        "animal",
+    ),
+    (
+        "instrument",
+        "the musician {e}",
+        (
+            "Which instrument does {E} play?",
+            "What instrument is {E} known for playing?",
+            "Name the instrument played by {E}.",
+        ),
+        "{E} plays the {a}.",
+        "instrument",
+    ),
+    (
+        "mountain",
+        "the province of {e}",
+        (
+            "What is the highest mountain in {E}?",
+            "Which mountain is the tallest in {E}?",
+            "Name the highest peak of {E}.",
+        ),
+        "The highest mountain in {E} is Mount {a}.",
+        "word",
+    ),
+    (
+        "author",
+        "the novel {e}",
+        ("Who wrote {E}?", "Who is the author of {E}?", "Name the writer of {E}."),
+        "{E} was written by {a}.",
+        "person",
+    ),
+]
+ANIMALS = ["otter", "heron", "lynx", "badger", "falcon", "stag", "wolf", "owl", "bear", "fox"]
+INSTRUMENTS = ["harp", "cello", "flute", "oboe", "lute", "viola", "trumpet", "organ", "drum"]
 
 
 @dataclass(frozen=True)
@@ -164,7 +227,11 @@ class Fact:
 
 
 def _name(rng: random.Random, used: set[str], parts: int = 2) -> str:
+    attempts = 0
     while True:
+        attempts += 1
+        if attempts > 50:  # two syllables give 224 names: larger sets move on to three
+            parts = 3
         syl = [rng.choice(_SYL_A), rng.choice(_SYL_B)] + ([rng.choice(_SYL_C)] if parts > 2 else [])
         name = "".join(syl).capitalize()
         if name.lower() not in used:
@@ -181,18 +248,37 @@ def _answer(kind: str, rng: random.Random, used: set[str]) -> str:
                 return year
     if kind == "colour":
         return rng.choice(COLOURS)
+    if kind == "animal":
+        return rng.choice(ANIMALS)
+    if kind == "instrument":
+        return rng.choice(INSTRUMENTS)
     if kind == "person":
         return f"{_name(rng, used)} {_name(rng, used, 3)}"
     return _name(rng, used, 3)
 
 
-def make_facts(n_facts: int, n_taught: int, *, seed: int = 1234) -> list[Fact]:
-    """`n_facts` invented facts spread over the relations; a seeded `n_taught` of them taught."""
+def make_facts(
+    n_facts: int,
+    n_taught: int,
+    *,
+    seed: int = 1234,
+    profile: str = "uniform",
+) -> list[Fact]:
+    """`n_facts` invented facts spread over the relations, `n_taught` of them taught.
+
+    `uniform`: the six original relations, the taught facts a seeded sample of all facts, so
+    knowledge is random within every relation. `topic`: twelve relations, relation j taught at
+    its own rate (evenly spaced from 10% to 90%, scaled so about `n_taught` facts are taught),
+    as a real model's knowledge follows the subject of a question.
+    """
+    if profile not in ("uniform", "topic"):
+        raise ValueError(f"profile must be uniform or topic, not {profile!r}")
+    relations = RELATIONS if profile == "uniform" else RELATIONS + MORE_RELATIONS
     rng = random.Random(seed)
     used: set[str] = set()
     facts = []
     for i in range(n_facts):
-        rel, phrase, questions, statement, kind = RELATIONS[i % len(RELATIONS)]
+        rel, phrase, questions, statement, kind = relations[i % len(relations)]
         entity = phrase.format(e=_name(rng, used))
         answer = _answer(kind, rng, used)
         qs = tuple(q.format(E=entity) for q in questions)
@@ -206,11 +292,25 @@ def make_facts(n_facts: int, n_taught: int, *, seed: int = 1234) -> list[Fact]:
                 False,
             )
         )  # type: ignore[arg-type]
-    taught = set(rng.sample(range(n_facts), n_taught))
+    if profile == "uniform":
+        taught = set(rng.sample(range(n_facts), n_taught))
+    else:
+        taught = set()
+        n_rel = len(relations)
+        scale = n_taught / n_facts / 0.5  # the rates below average 0.5
+        for j in range(n_rel):
+            members = list(range(j, n_facts, n_rel))
+            rate = min(1.0, scale * (0.1 + 0.8 * j / (n_rel - 1)))
+            taught.update(rng.sample(members, round(rate * len(members))))
     return [
         Fact(f.id, f.entity, f.questions, f.statement, f.answer, i in taught)
         for i, f in enumerate(facts)
     ]
+
+
+def relation_of(fact_id: str) -> str:
+    """Fact ids are `<relation>-<index>` (eval records add `-q<paraphrase>`)."""
+    return fact_id.split("-", 1)[0]
 
 
 @dataclass(frozen=True)

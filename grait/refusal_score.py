@@ -1,0 +1,129 @@
+"""Refusal scores from teacher-forced passes: what greedy decoding would say, without decoding.
+
+Greedy generation is the slowest part of an evaluation (one forward pass per new token), and
+its outcome is a coarse three-way label. For each question we instead run the RAIT prompt
+followed by two targets — the refusal and the gold answer — once each, and read off:
+
+- whether greedy decoding would emit that target (every target token is the arg-max given
+  the prompt and the target's earlier tokens). For an exact refusal or an exact gold answer
+  this is exactly what greedy decoding starts with, so the outcome `refused` / `correct` /
+  `wrong` matches a generation scored against those targets; variants ("I'm not sure",
+  a paraphrased answer) count as wrong here, so agreement with generation is measured rather
+  than assumed (bench.quality reports it);
+- a continuous score, log p(refusal) − log p(gold answer): how much more the model leans to
+  refusing than to answering. Its AUROC for known-vs-unknown questions is threshold-free and
+  far less noisy than greedy outcomes on a few hundred questions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from grait.data import QARecord
+from grait.prompts import answer_logits, collate, encode, question_message, render_prompt
+from grait.scoring import Outcome
+
+
+@dataclass(frozen=True)
+class TargetScore:
+    """One prompt + target: the target's summed log-probability and whether greedy emits it."""
+
+    logprob: float
+    greedy: bool
+
+
+@torch.no_grad()
+def score_targets(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    batch_size: int = 32,
+    max_length: int = 512,
+    tick: Callable[[int], None] | None = None,
+) -> list[TargetScore]:
+    """Teacher-forced log p(target | prompt) and greedy agreement, batched."""
+    if len(prompts) != len(targets):
+        raise ValueError("one target per prompt")
+    device = next(model.parameters()).device
+    encoded = [encode(tokenizer, p, t, max_length=max_length) for p, t in zip(prompts, targets)]
+    out: list[TargetScore] = []
+    for start in range(0, len(encoded), batch_size):
+        batch = collate(encoded[start : start + batch_size], tokenizer.pad_token_id).to(device)
+        logits, labels = answer_logits(model, batch)
+        logits, labels = logits[:, :-1].float(), labels[:, 1:]
+        mask = labels != -100
+        safe = labels.clamp(min=0)
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+        hit = (logits.argmax(dim=-1) == safe) | ~mask
+        total = (logp * mask).sum(dim=1)
+        greedy = hit.all(dim=1)
+        out.extend(TargetScore(float(t), bool(g)) for t, g in zip(total.cpu(), greedy.cpu()))
+        if tick:
+            tick(len(out))
+    return out
+
+
+@dataclass(frozen=True)
+class RefusalProbe:
+    """Per question: the greedy-equivalent outcome and log p(refusal) − log p(gold)."""
+
+    outcomes: list[Outcome]
+    scores: np.ndarray
+
+
+def probe_refusals(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[QARecord],
+    *,
+    refusal: str,
+    batch_size: int = 32,
+    max_length: int = 512,
+) -> RefusalProbe:
+    """Two teacher-forced passes per question under the RAIT (refusal-allowed) prompt."""
+    prompts = [
+        render_prompt(tokenizer, question_message(r, allow_refusal=True, refusal=refusal))
+        for r in records
+    ]
+    kw = {"batch_size": batch_size, "max_length": max_length}
+    refuse = score_targets(model, tokenizer, prompts, [refusal] * len(records), **kw)
+    answer = score_targets(model, tokenizer, prompts, [r.answer_text for r in records], **kw)
+    outcomes: list[Outcome] = [
+        "refused" if r.greedy else "correct" if a.greedy else "wrong"
+        for r, a in zip(refuse, answer)
+    ]
+    scores = np.array([r.logprob - a.logprob for r, a in zip(refuse, answer)])
+    return RefusalProbe(outcomes, scores)
+
+
+def auroc(scores: Sequence[float] | np.ndarray, positive: Sequence[bool] | np.ndarray) -> float:
+    """P(score of a random positive > score of a random negative), ties counting one half.
+
+    Positives are the unknown questions (they should get the higher refusal score). NaN when
+    one class is empty.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s))
+    sorted_s = s[order]
+    # Average ranks over ties (Mann-Whitney U).
+    i = 0
+    while i < len(s):
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
