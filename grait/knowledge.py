@@ -262,11 +262,18 @@ def split_known_unknown(results: Sequence[KnowledgeResult], cfg: KnowledgeConfig
     idk = [i for i, r in enumerate(results) if not r.known]
     ranked = sorted(ik, key=lambda i: (-results[i].correctness, -results[i].certainty, i))
     n_ik = len(ranked) if cfg.n_ik is None else min(cfg.n_ik, len(ranked))
-    if cfg.n_idk is None:
-        # With nothing known there is nothing to protect from over-refusal: refuse all unknowns.
-        n_idk = max(1, round(n_ik / cfg.ik_idk_ratio)) if n_ik else len(idk)
-    else:
-        n_idk = cfg.n_idk
     return Split(
-        ik_all=ik, idk_all=idk, ik_kept=sorted(ranked[:n_ik]), n_idk_budget=min(n_idk, len(idk))
+        ik_all=ik,
+        idk_all=idk,
+        ik_kept=sorted(ranked[:n_ik]),
+        n_idk_budget=refusal_budget(cfg, n_ik, len(idk)),
     )
+
+
+def refusal_budget(cfg: KnowledgeConfig, n_ik_kept: int, n_idk: int) -> int:
+    """How many unknowns become refusals: `n_idk`, else n_ik_kept / ratio (at least 1)."""
+    if cfg.n_idk is not None:
+        return min(cfg.n_idk, n_idk)
+    # With nothing known there is nothing to protect from over-refusal: refuse all unknowns.
+    wanted = max(1, round(n_ik_kept / cfg.ik_idk_ratio)) if n_ik_kept else n_idk
+    return min(wanted, n_idk)

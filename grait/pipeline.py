@@ -46,6 +46,7 @@ from grait.knowledge import (
     choose_scorer,
     query_mcqa,
     query_oeqa,
+    refusal_budget,
     split_known_unknown,
 )
 from grait.methods import method_spec
@@ -345,7 +346,8 @@ def _stage_selection(run: _Run, out: Path) -> dict[str, Any]:
     spec = method_spec(cfg.method)
     split = _split(run)
     idk_rows: list[int] = split["idk_all"]
-    budget: int = split["n_idk_budget"]
+    # From the spec, not from split.json: runs that share Stage 1 may differ in budget.
+    budget = refusal_budget(cfg.knowledge, len(split["ik_kept"]), len(idk_rows))
     assert spec.ranking is not None
     ranking = rank_candidates(
         spec.ranking,
@@ -566,8 +568,15 @@ def run_pipeline(
     *,
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
+    until: str | None = None,
 ) -> PipelineResult:
-    """Run (or resume) every stage the method needs; return where the adapter and report are."""
+    """Run (or resume) every stage the method needs; return where the adapter and report are.
+
+    `until` stops after that stage (e.g. `gradient_features`, to share Stages 1-2 between
+    runs that differ only in budget or ranking).
+    """
+    if until is not None and until not in STAGES:
+        raise ValueError(f"until: unknown stage {until!r}; stages are {', '.join(STAGES)}")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     emit = progress or no_progress
@@ -601,6 +610,8 @@ def run_pipeline(
             continue
         if stage in manifest["stages"]:
             emit(PipelineEvent("stage_skipped", stage, message="completed in an earlier attempt"))
+            if stage == until:
+                break
             continue
         if cancel():
             raise Cancelled(f"cancelled before {stage}")
@@ -624,6 +635,8 @@ def run_pipeline(
         _write_manifest(run_dir, manifest)
         emit(PipelineEvent("metrics", stage, data=metrics))
         emit(PipelineEvent("stage_completed", stage, message=f"{stage} done in {seconds:.1f}s"))
+        if stage == until:
+            break
     return _result(run_dir, timings)
 
 

@@ -1,4 +1,8 @@
-"""`python -m bench.quality --setting real|testbed [--smoke] [sizes as flags]`.
+"""`python -m bench.quality --setting tradeoff|real|testbed [--smoke] [sizes as flags]`.
+
+`tradeoff` (the study that judges methods): every method at several refusal budgets on the
+topic-following and the uniform testbed, >= 5 paired seeds (`bench/quality/tradeoff.py`).
+`testbed` and `real`: every method at the default budget, greedy generation.
 
 Writes `bench/results/<name>/{results.md, summary.json, pw_pc.png}`; run folders and the
 cached knowing model live under `bench/results/work/` and `bench/results/cache/` (ignored).
@@ -74,7 +78,7 @@ def _apply_sets(hyper: dict[str, Any], sets: list[str]) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__)
-    p.add_argument("--setting", choices=["real", "testbed"], default="testbed")
+    p.add_argument("--setting", choices=["tradeoff", "real", "testbed"], default="tradeoff")
     p.add_argument("--smoke", action="store_true", help="tiny random model and tiny sizes (CI)")
     p.add_argument("--name", help="results folder name (default: the setting, or smoke-<setting>)")
     p.add_argument("--results-dir", type=Path, default=RESULTS)
@@ -117,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     real.add_argument(
         "--data-seed", type=int, default=0, help="fixes the train/eval excerpts for every seed"
     )
+    to = p.add_argument_group("tradeoff setting")
+    to.add_argument("--profiles", default="topic,uniform", help="testbeds: topic, uniform")
+    to.add_argument("--seed-start", type=int, default=0, help="first seed (fresh seeds confirm)")
+    to.add_argument("--budgets", default="4,8,16,32", help="refusal budgets below 'all'")
+    to.add_argument("--steps", type=int, default=16, help="optimizer steps at every budget")
+    to.add_argument("--eval-known", type=int, default=100)
+    to.add_argument("--eval-unknown", type=int, default=100)
     tb = p.add_argument_group("testbed setting")
     tb.add_argument("--n-facts", type=int, default=160)
     tb.add_argument("--n-taught", type=int, default=80)
@@ -183,8 +194,89 @@ def _label(path: Path) -> str:
     return f"{parent}-{stem}" if parent else stem
 
 
+def main_tradeoff(args: argparse.Namespace) -> int:
+    """The trade-off study over both testbeds (see bench/quality/tradeoff.py)."""
+    from bench.quality import tradeoff
+    from bench.quality.tradeoff_report import write_study
+
+    name = args.name or ("smoke-tradeoff" if args.smoke else "tradeoff")
+    cache = args.cache_dir or (args.results_dir / "cache")
+    work = args.work_dir or (args.results_dir / "work" / name)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    hyper = copy.deepcopy(tradeoff.STUDY_HYPER)
+    hyper["training"]["max_steps"] = args.steps
+    base_model = args.base_model or DEFAULT_BASE_MODEL
+    sizes: dict[str, Any] = {}
+    teach = testbed.TeachSettings(epochs=args.teach_epochs, learning_rate=args.teach_lr)
+    if args.smoke:
+        from grait.testing import make_tiny_model, tiny_hyperparameters
+
+        base_model = args.base_model or str(make_tiny_model(cache / "tiny-model"))
+        hyper = _merge(tiny_hyperparameters(), {"training": {"max_steps": 2}})
+        sizes = {"n_facts": 48, "n_taught": 24}
+        args.eval_known = args.eval_unknown = 6
+        args.budgets = "2,4"
+        teach = testbed.TeachSettings(epochs=1.0)
+    hyper = _apply_sets(hyper, args.set)
+    seeds = list(range(args.seed_start, args.seed_start + (args.seeds or 5)))
+    budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    results = []
+    started = time.perf_counter()
+    for profile in [p.strip() for p in args.profiles.split(",") if p.strip()]:
+        digest = hashlib.sha256(
+            json.dumps(
+                [
+                    profile,
+                    base_model,
+                    hyper,
+                    args.eval_known,
+                    args.eval_unknown,
+                    sizes,
+                    teach.__dict__,
+                ],
+                sort_keys=True,
+                default=list,
+            ).encode()
+        ).hexdigest()[:12]
+        results.append(
+            tradeoff.run_profile(
+                profile,
+                base_model=base_model,
+                cache=cache,
+                work=work / f"{profile}-{digest}",
+                seeds=seeds,
+                methods=methods,
+                budgets=budgets,
+                hyper=hyper,
+                n_eval_known=args.eval_known,
+                n_eval_unknown=args.eval_unknown,
+                teach=teach,
+                log=_log,
+                **sizes,
+            )
+        )
+    header = [
+        f"- Measured {time.strftime('%Y-%m-%d %H:%M')} on {machine()}.",
+        (
+            f"- Base model: `{args.base_model or ('tiny random Llama' if args.smoke else DEFAULT_BASE_MODEL)}`; "
+            f"seeds {seeds[0]}–{seeds[-1]}; budgets {budgets} + all (= R-Tuning); "
+            f"{hyper['training']['max_steps']} optimizer steps at every budget."
+        ),
+        f"- Hyperparameters: `{json.dumps(hyper, separators=(',', ':'))}`.",
+        f"- Study wall time: {time.perf_counter() - started:.0f} s (cached cells count as 0).",
+    ]
+    paths = write_study(args.results_dir / name, results, header=header, n_boot=args.bootstrap)
+    _log(f"wrote {paths['md']}")
+    print(paths["md"].read_text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.setting == "tradeoff":
+        if args.methods == ",".join(METHODS):
+            args.methods = "grait,random-idk,stratified-random"
+        return main_tradeoff(args)
     if args.smoke:
         _smoke_defaults(args)
     name = args.name or (f"smoke-{args.setting}" if args.smoke else args.setting)

@@ -1,0 +1,296 @@
+"""Refusal trade-off study: every method at several refusal budgets over many paired seeds.
+
+For each testbed profile (`topic`: knowledge follows the relation, 10%-90% taught;
+`uniform`: half of every relation taught) and each seed:
+
+1. The seed draws the eval facts (`--eval-known` taught + `--eval-unknown` untaught) and
+   trains on the rest, so seeds vary the data as well as the training.
+2. `grait.pipeline.run_pipeline(..., until="gradient_features")` runs Stage 1 and Stage 2
+   once into `seed<k>/shared/`; every (method, budget) run links those stages and runs the
+   library's own selection and training stages with `knowledge.n_idk = budget` and the same
+   fixed number of optimizer steps at every budget (`training.max_steps`).
+3. Each tuned adapter is probed on the ID (training paraphrase) and OOD (unseen paraphrase)
+   questions with two teacher-forced passes (`grait.refusal_score`): greedy-equivalent
+   outcomes and log p(refusal) − log p(gold).
+
+Methods are paired within a seed: one training seed, one Stage 1 and one set of features;
+random rankings draw from a seed of their own. The budget "all" is R-Tuning, shared by every
+ranked method (at that budget every ranking picks the same set). Each cell is cached as JSON,
+so a killed study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from bench.quality import testbed
+from bench.quality.runner import link_stages
+from grait.config import ALL_LINEAR, JobConfig
+from grait.data import write_jsonl
+from grait.methods import method_spec
+from grait.pipeline import run_pipeline
+
+ALL = "all"  # the budget "every unknown" = R-Tuning
+Log = Callable[[str], None]
+
+PROFILES: dict[str, tuple[int, int]] = {"topic": (336, 168), "uniform": (330, 165)}
+
+# RAIT hyperparameters for every method (the testbed's, with a fixed step count).
+STUDY_HYPER: dict[str, Any] = {
+    "knowledge": {"k_samples": 4, "max_new_tokens": 12, "batch_size": 16},
+    "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": list(ALL_LINEAR)},
+    "warmup": {"fraction": 0.25, "min_samples": 16, "epochs": 2, "learning_rate": 1e-3},
+    "features": {"batch_size": 16},
+    "training": {"max_steps": 16, "learning_rate": 1e-3, "batch_size": 16, "max_length": 256},
+}
+
+
+@dataclass(frozen=True)
+class SeedData:
+    seed: int
+    train: list[testbed.Fact]
+    evals: list[testbed.Fact]  # sorted by id; `known` = taught
+    folder: Path
+
+
+def split_for_seed(
+    facts: list[testbed.Fact], seed: int, n_known: int, n_unknown: int
+) -> tuple[list[testbed.Fact], list[testbed.Fact]]:
+    """The seed's eval facts (n_known taught + n_unknown untaught) and training facts."""
+    rng = random.Random(10_000 + seed)
+    taught = [f for f in facts if f.taught]
+    untaught = [f for f in facts if not f.taught]
+    if n_known >= len(taught) or n_unknown >= len(untaught):
+        raise ValueError(
+            f"{len(taught)} taught / {len(untaught)} untaught facts cannot give "
+            f"{n_known} + {n_unknown} eval facts and leave some to train on"
+        )
+    evals = rng.sample(taught, n_known) + rng.sample(untaught, n_unknown)
+    chosen = {f.id for f in evals}
+    train = [f for f in facts if f.id not in chosen]
+    rng.shuffle(train)
+    return train, sorted(evals, key=lambda f: f.id)
+
+
+def job_dict(base_model: str, train_path: Path, hyper: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "base_model": base_model,
+        "train": {"path": str(train_path), "format": "canonical", "shuffle": False},
+        **hyper,
+    }
+
+
+def config_for(job: dict[str, Any], method: str, seed: int, budget: int | str) -> JobConfig:
+    cfg = json.loads(json.dumps(job))
+    if budget != ALL:
+        cfg.setdefault("knowledge", {})["n_idk"] = int(budget)
+    return JobConfig.model_validate({**cfg, "method": method, "seed": seed, "evals": []})
+
+
+def prepare_seed(job: dict[str, Any], data: SeedData, log: Log) -> tuple[dict[str, Any], Path]:
+    """Stages 1-2 once per seed (resumable); returns the seed's job dict and shared run dir."""
+    train_path = data.folder / "train.jsonl"
+    if not train_path.exists():
+        data.folder.mkdir(parents=True, exist_ok=True)
+        write_jsonl(train_path, (f.record(0).to_json() for f in data.train))
+    hyper = {k: v for k, v in job.items() if k not in ("base_model", "train")}
+    seed_job = job_dict(job["base_model"], train_path, hyper)
+    shared = data.folder / "shared"
+    started = time.perf_counter()
+    run_pipeline(config_for(seed_job, "grait", data.seed, ALL), shared, until="gradient_features")
+    log(f"seed {data.seed}: stages 1-2 ready ({time.perf_counter() - started:.0f}s)")
+    return seed_job, shared
+
+
+def train_cell(
+    seed_job: dict[str, Any], shared: Path, run_dir: Path, method: str, seed: int, budget: int | str
+) -> dict[str, Any]:
+    """One (method, budget) run through the library's selection and training stages."""
+    config = config_for(seed_job, method, seed, budget)
+    wanted = tuple(
+        s
+        for s in ("knowledge_query", "warmup", "gradient_features")
+        if s in method_spec(method).stages
+    )
+    link_stages(shared, run_dir, config, wanted)
+    run_pipeline(config, run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    return {s: e["seconds"] for s, e in manifest["stages"].items() if "shared_from" not in e}
+
+
+def ranked_budgets(budgets: list[int], n_idk: int) -> list[int | str]:
+    """The budgets below the number of unknowns, then "all" (R-Tuning)."""
+    return [b for b in budgets if b < n_idk] + [ALL]
+
+
+def probe_cell(
+    model: Any, tok: Any, adapter: Path | None, sets: dict[str, list], refusal: str
+) -> dict[str, Any]:
+    """Greedy-equivalent outcomes and refusal scores of one model on every eval set."""
+    from grait.refusal_score import probe_refusals
+    from grait.training import attached_lora
+
+    def run(m: Any) -> dict[str, Any]:
+        out = {}
+        for label, records in sets.items():
+            probe = probe_refusals(m, tok, records, refusal=refusal)
+            out[label] = {
+                "outcomes": probe.outcomes,
+                "scores": [round(float(x), 4) for x in probe.scores],
+            }
+        return out
+
+    if adapter is None:
+        return run(model)
+    with attached_lora(model, adapter_dir=adapter, trainable=False) as tuned:
+        return run(tuned)
+
+
+def base_cell(model: Any, tok: Any, sets: dict[str, list], refusal: str) -> dict[str, Any]:
+    """The base model with the plain prompt (THS reference): it never refuses."""
+    from grait.prompts import question_message, render_prompt
+    from grait.refusal_score import score_targets
+
+    out = {}
+    for label, records in sets.items():
+        prompts = [
+            render_prompt(tok, question_message(r, allow_refusal=False, refusal=refusal))
+            for r in records
+        ]
+        gold = score_targets(model, tok, prompts, [r.answer_text for r in records])
+        out[label] = {"outcomes": ["correct" if g.greedy else "wrong" for g in gold]}
+    return out
+
+
+def run_cell(
+    model: Any,
+    tok: Any,
+    seed_job: dict[str, Any],
+    shared: Path,
+    run_dir: Path,
+    data: SeedData,
+    method: str,
+    budget: int | str,
+    sets: dict[str, list],
+    refusal: str,
+    *,
+    log: Log,
+) -> dict[str, Any]:
+    """Train one (method, budget) on one seed and probe it; what `cell.json` holds."""
+    started = time.perf_counter()
+    seconds = train_cell(seed_job, shared, run_dir, method, data.seed, budget)
+    probe_started = time.perf_counter()
+    probes = probe_cell(model, tok, run_dir / "training" / "adapter", sets, refusal)
+    seconds["probe"] = round(time.perf_counter() - probe_started, 2)
+    picked: list[str] = []
+    weights: list[float] = []
+    selected = run_dir / "selection" / "selected.json"
+    if selected.exists():
+        sel = json.loads(selected.read_text())
+        picked = [data.train[i].id for i in sel["rows"]]
+        weights = sel["weights"]
+    log(f"seed {data.seed}: {method} b={budget} in {time.perf_counter() - started:.0f}s")
+    return {"picked": picked, "weights": weights, "seconds": seconds, "probe": probes}
+
+
+def _cached(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    if path.exists():
+        return json.loads(path.read_text())
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(path)
+    return result
+
+
+def run_profile(
+    profile: str,
+    *,
+    base_model: str,
+    cache: Path,
+    work: Path,
+    seeds: list[int],
+    methods: list[str],
+    budgets: list[int],
+    hyper: dict[str, Any],
+    n_eval_known: int,
+    n_eval_unknown: int,
+    teach: testbed.TeachSettings,
+    n_facts: int | None = None,
+    n_taught: int | None = None,
+    log: Log,
+) -> dict[str, Any]:
+    """Every (seed, method, budget) cell of one testbed; returns the raw cells for the report."""
+    from grait.models import load_base_model, pick_runtime
+
+    nf, nt = PROFILES[profile]
+    facts = testbed.make_facts(n_facts or nf, n_taught or nt, profile=profile)
+    knowing, teaching = testbed.knowing_model(base_model, facts, cache, teach, log=log)
+    job = job_dict(str(knowing), Path("-"), hyper)
+    refusal = JobConfig.model_validate({**job, "method": "grait"}).refusal
+    model, tok = load_base_model(str(knowing), pick_runtime())
+    cells: list[dict[str, Any]] = []
+    seeds_out: list[dict[str, Any]] = []
+    for seed in seeds:
+        train, evals = split_for_seed(facts, seed, n_eval_known, n_eval_unknown)
+        data = SeedData(seed, train, evals, work / f"seed{seed}")
+        sets = {"id": [f.record(0) for f in evals], "ood": [f.record(2) for f in evals]}
+        seed_job, shared = prepare_seed({**job}, data, log)
+        split = json.loads((shared / "knowledge_query" / "split.json").read_text())
+        base = _cached(data.folder / "base.json", partial(base_cell, model, tok, sets, refusal))
+        seeds_out.append(
+            {
+                "seed": seed,
+                "eval_ids": [f.id for f in evals],
+                "known": [f.taught for f in evals],
+                "train_ids": [f.id for f in train],
+                "train_taught": [f.taught for f in train],
+                "ik": split["ik_all"],
+                "idk": split["idk_all"],
+                "base": base,
+            }
+        )
+        plan = [("rtuning", ALL)] + [
+            (m, b)
+            for m in methods
+            for b in ranked_budgets(budgets, len(split["idk_all"]))
+            if b != ALL
+        ]
+        for method, budget in plan:
+            run_dir = data.folder / method / f"b{budget}"
+            cell = _cached(
+                run_dir / "cell.json",
+                partial(
+                    run_cell,
+                    model,
+                    tok,
+                    seed_job,
+                    shared,
+                    run_dir,
+                    data,
+                    method,
+                    budget,
+                    sets,
+                    refusal,
+                    log=lambda m: log(f"{profile} {m}"),
+                ),
+            )
+            cells.append({"seed": seed, "method": method, "budget": budget, **cell})
+    return {
+        "profile": profile,
+        "teaching": teaching,
+        "facts": [{"id": f.id, "taught": f.taught} for f in facts],
+        "seeds": seeds_out,
+        "cells": cells,
+        "hyper": hyper,
+        "budgets": budgets,
+        "methods": methods,
+    }
