@@ -25,7 +25,14 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grait.data import QARecord
-from grait.prompts import answer_logits, collate, encode, question_message, render_prompt
+from grait.prompts import (
+    Encoded,
+    answer_logits,
+    collate,
+    encode,
+    question_message,
+    render_prompt,
+)
 from grait.scoring import Outcome
 
 
@@ -37,7 +44,6 @@ class TargetScore:
     greedy: bool
 
 
-@torch.no_grad()
 def score_targets(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -51,11 +57,26 @@ def score_targets(
     """Teacher-forced log p(target | prompt) and greedy agreement, batched."""
     if len(prompts) != len(targets):
         raise ValueError("one target per prompt")
-    device = next(model.parameters()).device
     encoded = [encode(tokenizer, p, t, max_length=max_length) for p, t in zip(prompts, targets)]
+    return score_encoded(
+        model, encoded, pad_id=tokenizer.pad_token_id, batch_size=batch_size, tick=tick
+    )
+
+
+@torch.no_grad()
+def score_encoded(
+    model: PreTrainedModel,
+    encoded: Sequence[Encoded],
+    *,
+    pad_id: int,
+    batch_size: int = 32,
+    tick: Callable[[int], None] | None = None,
+) -> list[TargetScore]:
+    """The same on token ids: each item's target is ids[n_prompt:]."""
+    device = next(model.parameters()).device
     out: list[TargetScore] = []
     for start in range(0, len(encoded), batch_size):
-        batch = collate(encoded[start : start + batch_size], tokenizer.pad_token_id).to(device)
+        batch = collate(encoded[start : start + batch_size], pad_id).to(device)
         logits, labels = answer_logits(model, batch)
         logits, labels = logits[:, :-1].float(), labels[:, 1:]
         mask = labels != -100

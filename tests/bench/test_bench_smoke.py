@@ -121,3 +121,40 @@ def test_speed_smoke_writes_every_figure(tmp_path: Path) -> None:
         k: v for k, v in before.items() if k != "pollers"
     }
     assert "## Knowledge query" in (out / "results.md").read_text()
+
+
+def test_tradeoff_smoke_writes_curves_areas_and_plots(tmp_path: Path) -> None:
+    from bench.quality.cli import main
+
+    argv = ["--setting", "tradeoff", "--smoke", "--seeds", "2", "--results-dir", str(tmp_path)]
+    assert main([*argv, "--bootstrap", "50"]) == 0
+    out = tmp_path / "smoke-tradeoff"
+    md = (out / "results.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["profile"] for s in summary["summaries"]] == ["topic", "uniform"]
+    for profile in ("topic", "uniform"):
+        assert (out / f"tradeoff_{profile}.png").stat().st_size > 1000
+        assert f"## Testbed `{profile}`" in md
+    for s in summary["summaries"]:
+        for ev in ("id", "ood"):
+            entry = s["eval"][ev]
+            assert set(entry["area"]) == {"grait", "random-idk", "stratified-random"}
+            for point, (lo, hi) in entry["area"].values():
+                assert 0.0 <= lo <= point <= hi <= 1.0
+            assert "grait - random-idk" in entry["area_diff"]
+            curve = entry["curve"]["grait"]
+            assert curve["budgets"] == [2, 4, "all"]
+            assert all(0.0 <= x <= 1.0 for x in curve["over_refusal"] + curve["unknown_refused"])
+            assert entry["curve"]["rtuning"]["budgets"] == ["all"]
+    # Every (seed, method, budget) cell ran once: 2 seeds x (3 methods x 2 budgets + rtuning).
+    for result in summary["results"]:
+        assert len(result["cells"]) == 2 * (3 * 2 + 1)
+        for cell in result["cells"]:
+            if cell["method"] != "rtuning":
+                assert len(cell["picked"]) == cell["budget"]
+    # A rerun resumes from the cached cells instead of training again.
+    assert main([*argv, "--bootstrap", "20"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert [c["seconds"] for c in again["results"][0]["cells"]] == [
+        c["seconds"] for c in summary["results"][0]["cells"]
+    ]

@@ -199,3 +199,56 @@ def test_model_that_always_refuses_has_refusal_rate_one(tiny_model_dir, shared_d
         tuned = ev["models"][-1]
         assert tuned["refused"] == pytest.approx(1.0), ev
         assert tuned["ths"] in (None, pytest.approx(0.0))
+
+
+def test_until_stops_after_a_stage_and_budgets_come_from_the_spec(
+    tiny_model_dir, shared_data, tmp_path
+):
+    """Stages 1-2 once, then runs that differ only in budget share them (as bench.quality does)."""
+    from bench.quality.runner import link_stages
+
+    shared = tmp_path / "shared"
+    run_pipeline(_config(tiny_model_dir, shared_data), shared, until="gradient_features")
+    assert [s["stage"] for s in completed_stages(shared)] == [
+        "knowledge_query",
+        "warmup",
+        "gradient_features",
+    ]
+    split = json.loads((shared / "knowledge_query" / "split.json").read_text())
+    n_idk = len(split["idk_all"])
+    assert n_idk >= 3
+    picks = {}
+    for budget in (1, 3):
+        cfg = _config(
+            tiny_model_dir,
+            shared_data,
+            evals=[],
+            knowledge={**tiny_hyperparameters()["knowledge"], "tau": 0.3, "n_idk": budget},
+        )
+        run = tmp_path / f"b{budget}"
+        link_stages(shared, run, cfg, ("knowledge_query", "warmup", "gradient_features"))
+        run_pipeline(cfg, run)
+        picks[budget] = json.loads((run / "selection" / "selected.json").read_text())["rows"]
+    assert len(picks[1]) == 1 and len(picks[3]) == 3
+    assert picks[3][:1] == picks[1]  # budgets are prefixes of one ranking
+    with pytest.raises(ValueError, match="until"):
+        run_pipeline(_config(tiny_model_dir, shared_data), shared, until="nope")
+
+
+def test_fixed_steps_train_the_same_number_of_steps_at_any_set_size(
+    tiny_model_dir, shared_data, tmp_path
+):
+    steps = {}
+    for method in ("rtuning", "van"):
+        cfg = _config(
+            tiny_model_dir,
+            shared_data,
+            method=method,
+            evals=[],
+            training={**tiny_hyperparameters()["training"], "max_steps": 3, "epochs": 5},
+        )
+        events: list = []
+        run_pipeline(cfg, tmp_path / method, progress=_events(events))
+        done = [e for e in events if e.kind == "progress" and e.stage == "training"]
+        steps[method] = (done[-1].done, done[-1].total)
+    assert steps == {"rtuning": (3, 3), "van": (3, 3)}
