@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 
+from grait.methods import METHOD_NAMES
+
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -235,7 +237,7 @@ def add_client_commands(sub: Any, default_url: str, default_api_key: str | None 
     p.add_argument(
         "--method",
         default="grait",
-        choices=["grait", "grait-noweight", "random-idk", "rtuning", "van"],
+        choices=METHOD_NAMES,
     )
     p.add_argument("--base-model")
     p.add_argument("--hyperparameters", help="JSON object, or @file.json")
@@ -266,7 +268,8 @@ def add_client_commands(sub: Any, default_url: str, default_api_key: str | None 
     p.add_argument(
         "--kind",
         action="append",
-        help="adapter | report_json | report_md | report_plot | train_set",
+        help="adapter | report_json | report_md | report_plot | train_set | selection | "
+        "operating_point | operating_point_plot",
     )
     p.add_argument("--out", default=".")
     p.set_defaults(func=cmd_jobs_download)

@@ -31,6 +31,31 @@ def _set_path(tree: dict[str, Any], dotted: str, value: str) -> None:
     node[keys[-1]] = yaml.safe_load(value)
 
 
+def parse_budget(text: str) -> dict[str, Any]:
+    """`--budget`: `auto`, a count (`12`) or a ratio (`ratio:4` = one refusal per 4 knowns).
+
+    Returns the `knowledge` keys it sets; a ratio clears `n_idk` so the ratio rule applies.
+    """
+    value = text.strip().lower()
+    if value == "auto":
+        return {"n_idk": "auto"}
+    if value.startswith("ratio:"):
+        try:
+            ratio = float(value.removeprefix("ratio:"))
+        except ValueError:
+            ratio = 0.0
+        if not ratio > 0:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: a ratio must be a number > 0, e.g. ratio:4"
+            )
+        return {"n_idk": None, "ik_idk_ratio": ratio}
+    if value.isdigit():
+        return {"n_idk": int(value)}
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: expected a count (12), auto, or ratio:R (e.g. ratio:4)"
+    )
+
+
 class _Bars:
     """One tqdm bar per stage, fed by pipeline events."""
 
@@ -48,6 +73,8 @@ class _Bars:
                 self.bar.total = event.total
             self.bar.n = event.done
             self.bar.refresh()
+            if event.message:  # e.g. each budget an `auto` refusal budget tried
+                tqdm.write(f"  {event.stage}: {event.message}", file=sys.stderr)
         elif event.kind == "stage_completed":
             self._close()
             tqdm.write(f"  {event.message}", file=sys.stderr)
@@ -56,7 +83,8 @@ class _Bars:
         elif event.kind == "warning":
             tqdm.write(f"  warning: {event.message}", file=sys.stderr)
         elif event.kind == "metrics" and event.stage != "training":
-            tqdm.write(f"  {event.stage}: {json.dumps(event.data)}", file=sys.stderr)
+            text = event.message or json.dumps(event.data)
+            tqdm.write(f"  {event.stage}: {text}", file=sys.stderr)
 
     def _close(self) -> None:
         if self.bar is not None:
@@ -82,6 +110,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raw["base_model"] = args.model
     if args.seed is not None:
         raw["seed"] = args.seed
+    if args.budget is not None:
+        knowledge = raw.setdefault("knowledge", {})
+        if not isinstance(knowledge, dict):
+            raise SystemExit("--budget: the spec's knowledge is not a group")
+        knowledge.update(args.budget)
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -106,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     print(f"done in {time.perf_counter() - started:.0f}s")
     print(f"adapter: {result.adapter_dir}")
-    for key in ("report_md", "report_json", "report_plot", "train_set"):
+    for key in ("report_md", "report_json", "report_plot", "operating_point_plot", "train_set"):
         if key in result.artifacts:
             print(f"{key.replace('_', ' ')}: {result.artifacts[key]}")
     for ev in result.report.get("evals", []):
@@ -175,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--train", help="training data file (overrides the spec)")
     run.add_argument("--eval", action="append", help="eval data file (repeatable)")
     run.add_argument("--seed", type=int)
+    run.add_argument(
+        "--budget",
+        type=parse_budget,
+        metavar="N|auto|ratio:R",
+        help="refusal budget: a count of unknowns, auto (the largest whose over-refusal on a "
+        "held-out slice stays within knowledge.auto.max_over_refusal), or ratio:R "
+        "(one refusal per R kept known questions)",
+    )
     run.add_argument(
         "--set",
         action="append",

@@ -9,12 +9,22 @@ This module imports no torch, so the web layer can validate specs with it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from grait.methods import METHOD_NAMES as METHODS  # noqa: F401  (re-exported)
+from grait.methods import METHODS as METHOD_TABLE
 from grait.methods import method_spec
 
 Method = Literal["grait", "grait-noweight", "random-idk", "stratified-random", "rtuning", "van"]
@@ -64,6 +74,44 @@ class DatasetSpec(_Strict):
         return self.name or Path(self.path).stem
 
 
+DEFAULT_AUTO_FRACTIONS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
+
+
+class AutoBudgetConfig(_Strict):
+    """`knowledge.n_idk: auto`: pick the refusal budget by a target instead of a count.
+
+    The budget sets the trade-off between refusing unknowns and over-refusing knowns more than
+    anything else, and the right count depends on the data and model; a target on a held-out
+    slice ("refuse at most 5% of the questions it knows") is what a user can state.
+    """
+
+    max_over_refusal: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Share of held-out known questions the trial model may refuse.",
+    )
+    validation_fraction: float = Field(
+        0.2,
+        gt=0.0,
+        le=0.5,
+        description="Share of the training set held out (stratified by known/unknown) to "
+        "measure each budget; at most half, so the trial trainings still resemble the real one.",
+    )
+    fractions: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(
+        default_factory=lambda: list(DEFAULT_AUTO_FRACTIONS),
+        min_length=1,
+        description="Budgets tried, as fractions of the unknown candidates left after the "
+        "hold-out (ascending, deduplicated, at least 1 refusal each).",
+    )
+    min_validation_known: int = Field(
+        10,
+        ge=1,
+        description="Fewer held-out known questions than this: too few to measure "
+        "over-refusal, so the ik:idk ratio rule sets the budget (with a warning).",
+    )
+
+
 class KnowledgeConfig(_Strict):
     """Stage 1: ask the base model each training question."""
 
@@ -80,13 +128,30 @@ class KnowledgeConfig(_Strict):
     n_ik: int | None = Field(
         None, ge=0, description="Known samples kept (most certain first); None = all."
     )
-    n_idk: int | None = Field(
-        None, ge=0, description="Unknown samples selected; None = n_ik / ik_idk_ratio."
+    n_idk: Annotated[int, Field(ge=0)] | Literal["auto"] | None = Field(
+        None,
+        description="Unknown samples selected: a count; `auto` = the largest budget whose "
+        "over-refusal on a held-out slice stays within `auto.max_over_refusal` (ranked methods "
+        "only); None = n_ik / ik_idk_ratio.",
     )
     ik_idk_ratio: float = Field(
         4.0, gt=0.0, description="Default ik:idk budget ratio (release: 4000:1000)."
     )
+    auto: AutoBudgetConfig = Field(
+        default_factory=AutoBudgetConfig, description="Used when n_idk is `auto`."
+    )
     batch_size: int = Field(16, ge=1)
+
+    @field_validator("n_idk", mode="before")
+    @classmethod
+    def _count_or_auto(cls, value: Any) -> Any:
+        """One clear message (and the field's own location) instead of one per union member."""
+        if value is None or value == "auto":
+            return value
+        integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not integral or value < 0:
+            raise ValueError(f"expected a count >= 0, 'auto' or null, got {value!r}")
+        return int(value)
 
 
 class LoraConfigSpec(_Strict):
@@ -232,6 +297,33 @@ class JobConfig(_Strict):
     weighting: WeightingConfig = Field(default_factory=WeightingConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("knowledge")
+    @classmethod
+    def _auto_budget_needs_a_ranking(
+        cls, value: KnowledgeConfig, info: ValidationInfo
+    ) -> KnowledgeConfig:
+        """`auto` tries budgets along the method's ranking; other methods have no budget."""
+        method = info.data.get("method")
+        if value.n_idk != "auto" or method not in METHOD_TABLE:
+            return value
+        if METHOD_TABLE[method].refusals == "ranked":
+            return value
+        ranked = ", ".join(n for n, m in METHOD_TABLE.items() if m.refusals == "ranked")
+        uses = (
+            "every unknown as a refusal"
+            if METHOD_TABLE[method].refusals == "all"
+            else "no refusals"
+        )
+        error = PydanticCustomError(
+            "auto_budget_unranked",
+            f"'auto' picks how many ranked unknowns become refusals; method {method!r} trains "
+            f"{uses}, so it has no budget to pick. Use it with {ranked}, or leave n_idk unset",
+        )
+        # Raised as a ValidationError so the location names the field: knowledge.n_idk.
+        raise ValidationError.from_exception_data(
+            "KnowledgeConfig", [InitErrorDetails(type=error, loc=("n_idk",), input="auto")]
+        )
 
     @field_validator("refusal")
     @classmethod

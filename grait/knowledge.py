@@ -271,8 +271,12 @@ def split_known_unknown(results: Sequence[KnowledgeResult], cfg: KnowledgeConfig
 
 
 def refusal_budget(cfg: KnowledgeConfig, n_ik_kept: int, n_idk: int) -> int:
-    """How many unknowns become refusals: `n_idk`, else n_ik_kept / ratio (at least 1)."""
-    if cfg.n_idk is not None:
+    """How many unknowns become refusals: `n_idk`, else n_ik_kept / ratio (at least 1).
+
+    With `n_idk: auto` this is the ratio rule too: Stage 1 records it as a provisional budget
+    (the selection stage measures the real one), and it is the fallback when it cannot.
+    """
+    if isinstance(cfg.n_idk, int):
         return min(cfg.n_idk, n_idk)
     # With nothing known there is nothing to protect from over-refusal: refuse all unknowns.
     wanted = max(1, round(n_ik_kept / cfg.ik_idk_ratio)) if n_ik_kept else n_idk

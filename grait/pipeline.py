@@ -13,7 +13,8 @@ import json
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,12 +52,16 @@ from grait.knowledge import (
 )
 from grait.methods import method_spec
 from grait.models import count_parameters, load_base_model, pick_runtime
+from grait.operating_point import OperatingPoint, find_operating_point, write_operating_point
 from grait.prompts import encode_training_pair
 from grait.ranking import Features, rank_candidates, refusal_weights
-from grait.report import write_report
+from grait.refusal_score import probe_refusals
+from grait.report import OPERATING_POINT_PLOT, write_report
+from grait.scoring import Outcome
 from grait.training import TrainSettings, WeightedExample, attached_lora, train_weighted
 
 MANIFEST = "manifest.json"
+OPERATING_POINT = "operating_point.json"  # selection/: the `auto` budget's evidence
 FORMAT_VERSION = 1
 
 
@@ -74,7 +79,13 @@ class PipelineResult:
 
 
 def config_hash(config: JobConfig) -> str:
-    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
+    """Identifies a spec in its run directory.
+
+    `knowledge.auto` only counts when `n_idk` is `auto`: a spec that does not use it hashes as
+    it did before the group existed, so earlier run directories still resume.
+    """
+    exclude = None if config.knowledge.n_idk == "auto" else {"knowledge": {"auto"}}
+    return hashlib.sha256(config.model_dump_json(exclude=exclude).encode()).hexdigest()[:16]
 
 
 def _read_manifest(run_dir: Path) -> dict[str, Any] | None:
@@ -346,14 +357,19 @@ def _stage_selection(run: _Run, out: Path) -> dict[str, Any]:
     spec = method_spec(cfg.method)
     split = _split(run)
     idk_rows: list[int] = split["idk_all"]
+    features = load_features(run.run_dir) if spec.uses_features else None
     # From the spec, not from split.json: runs that share Stage 1 may differ in budget.
     budget = refusal_budget(cfg.knowledge, len(split["ik_kept"]), len(idk_rows))
+    auto: OperatingPoint | None = None
+    if cfg.knowledge.n_idk == "auto":
+        auto = _auto_budget(run, out, split, features, fallback=budget)
+        budget = auto.budget
     assert spec.ranking is not None
     ranking = rank_candidates(
         spec.ranking,
         idk_rows=idk_rows,
         ik_rows=split["ik_all"],
-        features=load_features(run.run_dir) if spec.uses_features else None,
+        features=features,
         cfg=cfg.selection,
         seed=cfg.seed,
     )
@@ -383,7 +399,68 @@ def _stage_selection(run: _Run, out: Path) -> dict[str, Any]:
     metrics: dict[str, Any] = {"candidates": len(idk_rows), "selected": len(chosen)}
     if len(weights):
         metrics.update(weight_min=float(np.min(weights)), weight_max=float(np.max(weights)))
+    if auto is not None:
+        metrics.update(
+            budget_rule=auto.rule, auto_budget_tried=[p.budget_full for p in auto.points]
+        )
     return metrics
+
+
+def _auto_budget(
+    run: _Run, out: Path, split: dict[str, Any], features: Features | None, *, fallback: int
+) -> OperatingPoint:
+    """`n_idk: auto`: trial LoRAs with the job's own training settings, probed on a hold-out."""
+    cfg = run.config
+    model, tok = run.model
+    settings = _train_settings(cfg)
+    encoded: dict[tuple[int, str], Any] = {}
+
+    def example(row: int, target: str, weight: float) -> WeightedExample:
+        if (row, target) not in encoded:
+            encoded[row, target] = run.encode(run.train[row], target)
+        return WeightedExample(encoded[row, target], weight)
+
+    @contextmanager
+    def train(known: list[int], refusals: list[tuple[int, float]]) -> Iterator[Any]:
+        examples = [example(i, run.train[i].answer_text, 1.0) for i in known]
+        examples += [example(i, cfg.refusal, w) for i, w in refusals]
+        # The seed the training stage will use, so a trial starts from the same LoRA init.
+        set_seed(cfg.seed + STAGES.index("training"))
+        work = out / "auto_hf"
+        with attached_lora(model, spec=cfg.lora) as peft_model:
+            train_weighted(
+                peft_model,
+                tok,
+                examples,
+                settings,
+                work_dir=work,
+                should_cancel=run.should_cancel,
+            )
+            yield peft_model
+        shutil.rmtree(work, ignore_errors=True)
+
+    def probe(peft_model: Any, rows: list[int]) -> list[Outcome]:
+        return probe_refusals(
+            peft_model,
+            tok,
+            [run.train[i] for i in rows],
+            refusal=cfg.refusal,
+            batch_size=cfg.evaluation.batch_size,
+            max_length=cfg.training.max_length,
+        ).outcomes
+
+    point = find_operating_point(
+        cfg,
+        split,
+        features,
+        train=train,
+        probe=probe,
+        fallback_budget=fallback,
+        emit=run.emit,
+        should_cancel=run.should_cancel,
+    )
+    write_operating_point(out / OPERATING_POINT, point)
+    return point
 
 
 def _training_set(run: _Run) -> list[tuple[int, str, str, float]]:
@@ -399,6 +476,23 @@ def _training_set(run: _Run) -> list[tuple[int, str, str, float]]:
     chosen = json.loads((run.stage_dir("selection") / "selected.json").read_text())
     known = [(i, "ik", run.train[i].answer_text, 1.0) for i in split["ik_kept"]]
     return known + [(i, "idk", cfg.refusal, w) for i, w in zip(chosen["rows"], chosen["weights"])]
+
+
+def _train_settings(cfg: JobConfig) -> TrainSettings:
+    """The final tuning's settings (the `auto` budget's trial trainings use the same)."""
+    t = cfg.training
+    return TrainSettings(
+        epochs=t.epochs,
+        learning_rate=t.learning_rate,
+        batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        lr_scheduler=t.lr_scheduler,
+        warmup_ratio=t.warmup_ratio,
+        grad_clip=t.grad_clip,
+        weight_decay=t.weight_decay,
+        seed=cfg.seed,
+        max_steps=t.max_steps,
+    )
 
 
 def _stage_training(run: _Run, out: Path) -> dict[str, Any]:
@@ -422,18 +516,7 @@ def _stage_training(run: _Run, out: Path) -> dict[str, Any]:
     )
     examples = [WeightedExample(run.encode(run.train[i], target), w) for i, _, target, w in plan]
     t = cfg.training
-    settings = TrainSettings(
-        epochs=t.epochs,
-        learning_rate=t.learning_rate,
-        batch_size=t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        lr_scheduler=t.lr_scheduler,
-        warmup_ratio=t.warmup_ratio,
-        grad_clip=t.grad_clip,
-        weight_decay=t.weight_decay,
-        seed=cfg.seed,
-        max_steps=t.max_steps,
-    )
+    settings = _train_settings(cfg)
     losses: list[float] = []
 
     def on_loss(step: int, loss: float) -> None:
@@ -531,6 +614,9 @@ def _stage_evaluation(run: _Run, out: Path, timings: dict[str, float]) -> dict[s
         "timings": timings,
         "notes": _notes(run, evals),
     }
+    operating_point = run.stage_dir("selection") / OPERATING_POINT
+    if operating_point.exists():
+        report["operating_point"] = json.loads(operating_point.read_text())
     write_report(out, report)
     tuned_ths = {e["name"]: e["models"][-1]["ths"] for e in evals}
     return {"ths": tuned_ths}
@@ -661,9 +747,13 @@ def _result(run_dir: Path, timings: dict[str, float]) -> PipelineResult:
             report_md=report_dir / "report.md",
             report_plot=report_dir / "pw_pc.png",
         )
+        if (report_dir / OPERATING_POINT_PLOT).exists():
+            artifacts["operating_point_plot"] = report_dir / OPERATING_POINT_PLOT
     selection = run_dir / "selection" / "selection.jsonl"
     if selection.exists():
         artifacts["selection"] = selection
+    if (run_dir / "selection" / OPERATING_POINT).exists():
+        artifacts["operating_point"] = run_dir / "selection" / OPERATING_POINT
     return PipelineResult(run_dir, adapter, report, artifacts, timings)
 
 

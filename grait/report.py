@@ -1,4 +1,7 @@
-"""Evaluation reports: one JSON for machines, one Markdown for people, one P_w-P_c plot.
+"""Evaluation reports: one JSON for machines, one Markdown for people, a P_w-P_c plot.
+
+With an `auto` refusal budget the report also carries the tried operating points, and a
+second plot shows them (unknown refusal against over-refusal, the target as a line).
 
 A report is a plain dict so the CLI, the service and the benchmarks can build it without
 sharing classes, and so `report.json` reads back as the same dict. Its shape::
@@ -19,6 +22,13 @@ sharing classes, and so `report.json` reads back as the same dict. Its shape::
       ],
       "timings": {stage: seconds},    # optional
       "notes": [str],                 # optional
+      "operating_point": {            # optional: `knowledge.n_idk: auto` (operating_point.json)
+        "budget": int, "rule": "auto" | "ratio", "reason": str,
+        "target_max_over_refusal": float,
+        "points": [{"budget_full": int, "over_refusal": float,
+                    "unknown_refusal": float | None, ...}],
+        "chosen": {...} | None,
+      },
     }
 
 Files are written to a temporary name and then renamed, so a reader (the service polling a
@@ -38,6 +48,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 KINDS = ("mcqa", "oeqa")
+OPERATING_POINT_PLOT = "operating_point.png"
 _REPORT_KEYS = ("method", "base_model", "evals")
 _EVAL_KEYS = ("name", "kind", "models")
 _MODEL_KEYS = ("name", "n", "correct", "wrong", "refused")
@@ -90,6 +101,22 @@ def validate_report(report: dict[str, Any]) -> None:
         raise ReportError("report['timings']: expected an object {stage: seconds}")
     if not isinstance(report.get("notes", []), list):
         raise ReportError("report['notes']: expected a list of strings")
+    if "operating_point" in report:
+        _validate_operating_point(report["operating_point"])
+
+
+def _validate_operating_point(op: Any) -> None:
+    where = "report['operating_point']"
+    _require(op, ("budget", "rule", "reason", "target_max_over_refusal", "points"), where)
+    _check_fraction(op["target_max_over_refusal"], f"{where}['target_max_over_refusal']")
+    if not isinstance(op["points"], list):
+        raise ReportError(f"{where}['points']: expected a list of tried budgets")
+    for i, point in enumerate(op["points"]):
+        pwhere = f"{where}['points'][{i}]"
+        _require(point, ("budget_full", "over_refusal", "unknown_refusal"), pwhere)
+        _check_fraction(point["over_refusal"], f"{pwhere}['over_refusal']")
+        if point["unknown_refusal"] is not None:
+            _check_fraction(point["unknown_refusal"], f"{pwhere}['unknown_refusal']")
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -156,11 +183,58 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Stage wall time", "", "| stage | seconds |", "|---|---:|"]
         lines += [f"| {_md_escape(stage)} | {float(sec):.1f} |" for stage, sec in timings.items()]
         lines.append(f"| **total** | **{sum(float(s) for s in timings.values()):.1f}** |")
+    if report.get("operating_point"):
+        lines += _operating_point_markdown(report["operating_point"])
     notes = report.get("notes") or []
     if notes:
         lines += ["", "## Notes", ""]
         lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _counts(point: dict[str, Any], side: str) -> str:
+    refused, n = point.get(f"{side}_refused"), point.get(f"n_{side}")
+    return f" ({refused}/{n})" if isinstance(refused, int) and isinstance(n, int) and n else ""
+
+
+def _operating_point_markdown(op: dict[str, Any]) -> list[str]:
+    """The `auto` budget: why this one, and every tried point (plot: operating_point.png)."""
+    lines = ["", "## Refusal budget", "", f"{_md_escape(op['reason'])}."]
+    if not op["points"]:
+        return lines
+    validation = op.get("validation") or {}
+    target_line = (
+        f"Target: over-refusal at most {_pct(op['target_max_over_refusal'])} of "
+        f"{validation.get('known', '?')} held-out known questions "
+        f"({validation.get('unknown', '?')} held-out unknown); each budget trained a trial "
+        f"adapter on the rest (plot: `{OPERATING_POINT_PLOT}`)."
+    )
+    lines += [
+        "",
+        target_line,
+        "",
+        "| budget (all data) | budget (after hold-out) | over-refusal | unknown refused | |",
+        "|---:|---:|---:|---:|---|",
+    ]
+    chosen = (op.get("chosen") or {}).get("budget_full")
+    target = op["target_max_over_refusal"]
+    for p in op["points"]:
+        mark = "**chosen**" if p["budget_full"] == chosen else ""
+        if not mark and p["over_refusal"] > target + 1e-9:
+            mark = "over target"
+        cells = [
+            str(p["budget_full"]),
+            str(p.get("budget", "")),
+            _pct(p["over_refusal"]) + _counts(p, "known"),
+            _pct(p["unknown_refusal"]) + _counts(p, "unknown"),
+            mark,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _draw_eval(ax: Any, ev: dict[str, Any]) -> None:
@@ -205,8 +279,59 @@ def plot_pw_pc(path: Path, evals: list[dict[str, Any]]) -> None:
     _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
+def plot_operating_point(path: Path, op: dict[str, Any]) -> None:
+    """Unknown refusal against over-refusal per tried budget, the chosen one marked.
+
+    The target is a vertical line: points left of it were acceptable, and the chosen one is
+    the rightmost (largest budget) of those, unless none was.
+    """
+    fig = Figure(figsize=(5.5, 4.5), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    points = [p for p in op["points"] if p["unknown_refusal"] is not None]
+    target = op["target_max_over_refusal"]
+    if not points:
+        message = "no budgets measured:\nthe budget came from the ik:idk ratio rule"
+        ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
+    else:
+        xs = [p["over_refusal"] for p in points]
+        ys = [p["unknown_refusal"] for p in points]
+        ax.plot(xs, ys, "-o", color="tab:blue", zorder=2, label="tried budgets")
+        for p in points:
+            ax.annotate(
+                str(p["budget_full"]),
+                (p["over_refusal"], p["unknown_refusal"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+            )
+        chosen = op.get("chosen")
+        if chosen and chosen.get("unknown_refusal") is not None:
+            ax.scatter(
+                [chosen["over_refusal"]],
+                [chosen["unknown_refusal"]],
+                marker="*",
+                s=220,
+                color="tab:orange",
+                zorder=3,
+                label=f"chosen: {chosen['budget_full']}",
+            )
+    ax.axvline(target, linestyle="--", color="grey", linewidth=1, label=f"target {_pct(target)}")
+    right = max([target] + [p["over_refusal"] for p in points])
+    ax.set_xlim(0.0, min(1.0, right * 1.2 + 0.02))
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("over-refusal (held-out known refused)")
+    ax.set_ylabel("unknown refusal (held-out unknown refused)")
+    ax.set_title("Refusal budget: tried operating points", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
 def write_report(out_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
-    """Validate the report, then write report.json, report.md and pw_pc.png into `out_dir`."""
+    """Validate the report, then write report.json, report.md and pw_pc.png into `out_dir`.
+
+    A report with an `operating_point` also gets operating_point.png.
+    """
     validate_report(report)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -220,4 +345,7 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
     markdown = render_markdown(report)
     _atomic_write(paths["md"], lambda tmp: tmp.write_text(markdown, encoding="utf-8"))
     plot_pw_pc(paths["png"], report["evals"])
+    if report.get("operating_point"):
+        paths["operating_point_png"] = out_dir / OPERATING_POINT_PLOT
+        plot_operating_point(paths["operating_point_png"], report["operating_point"])
     return paths

@@ -36,6 +36,8 @@ CONTENT_TYPES = {
     "report_plot": "image/png",
     "train_set": "application/x-ndjson",
     "selection": "application/x-ndjson",
+    "operating_point": "application/json",
+    "operating_point_plot": "image/png",
 }
 
 

@@ -6,6 +6,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 
 from app.models import Artifact, Job, JobEvent
 from grait.config import DEFAULT_BASE_MODEL, JobConfig
+from grait.methods import METHOD_NAMES
+
+# The library's table of methods, so a method it adds is accepted here without an edit.
+MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 
 JobStatus = Literal["validating", "queued", "running", "succeeded", "failed", "cancelled"]
 ErrorCode = Literal[
@@ -60,8 +64,12 @@ DatasetInput = Annotated[
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["grait", "grait-noweight", "random-idk", "rtuning", "van"] = Field(
-        "grait", description="`grait` or a baseline the library offers."
+    method: MethodName = Field(
+        "grait",
+        description="`grait` or a baseline the library offers. With "
+        '`hyperparameters.knowledge.n_idk: "auto"` a ranked method (grait, grait-noweight, '
+        "random-idk, stratified-random) picks its refusal budget by "
+        "`knowledge.auto.max_over_refusal`.",
     )
     base_model: str = Field(
         DEFAULT_BASE_MODEL,
@@ -181,7 +189,10 @@ class ArtifactObject(BaseModel):
     id: str
     object: Literal["grait.job.artifact"] = "grait.job.artifact"
     job_id: str
-    kind: str = Field(description="adapter | report_json | report_md | report_plot | train_set")
+    kind: str = Field(
+        description="adapter | report_json | report_md | report_plot | train_set | selection | "
+        "operating_point | operating_point_plot (the last two with knowledge.n_idk = auto)"
+    )
     filename: str
     content_type: str
     bytes: int

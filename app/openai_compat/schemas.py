@@ -16,21 +16,16 @@ from app.jobs.schemas import HYPERPARAMETER_GROUPS, DatasetInput
 from app.models import Artifact, Dataset, Job, JobEvent
 from grait.config import JobConfig, TrainingConfig
 from grait.events import STAGES
+from grait.methods import METHOD_NAMES as GRAIT_METHODS
 
 DEFAULT_LEARNING_RATE: float = TrainingConfig.model_fields["learning_rate"].default
 
-# OpenAI method types -> grait methods. `supervised` is vanilla tuning (grait's `van`).
-METHOD_TYPES: dict[str, str] = {
-    "grait": "grait",
-    "grait-noweight": "grait-noweight",
-    "random-idk": "random-idk",
-    "rtuning": "rtuning",
-    "supervised": "van",
-    "van": "van",
-}
+# OpenAI method types -> grait methods: every method of the library's table under its own
+# name, and OpenAI's `supervised` for vanilla tuning (grait's `van`).
+METHOD_TYPES: dict[str, str] = {**{name: name for name in GRAIT_METHODS}, "supervised": "van"}
 METHOD_NAMES = {"van": "supervised"}  # grait method -> the type we report
 DEFAULT_METHOD = "grait"
-MethodType = Literal["grait", "grait-noweight", "random-idk", "rtuning", "supervised", "van"]
+MethodType = Literal[tuple(METHOD_TYPES)]  # type: ignore[valid-type]
 Auto = Literal["auto"]
 
 
@@ -72,18 +67,10 @@ class MethodSettings(BaseModel):
     )
 
 
-class Method(BaseModel):
-    """`{"type": "grait", "grait": {"hyperparameters": {...}, "eval_files": [...]}}`."""
-
+class _MethodBase(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     type: MethodType
-    grait: MethodSettings | None = None
-    grait_noweight: MethodSettings | None = Field(None, alias="grait-noweight")
-    random_idk: MethodSettings | None = Field(None, alias="random-idk")
-    rtuning: MethodSettings | None = None
-    supervised: MethodSettings | None = None
-    van: MethodSettings | None = None
 
     @model_validator(mode="after")
     def _only_the_chosen_block(self) -> Method:
@@ -98,6 +85,22 @@ class Method(BaseModel):
         return getattr(self, self.type.replace("-", "_")) or MethodSettings()
 
 
+# One optional settings block per method type, named as the type (`random-idk` -> field
+# `random_idk` with that alias), so the blocks follow METHOD_TYPES.
+Method = create_model(  # type: ignore[call-overload]
+    "Method",
+    __base__=_MethodBase,
+    __doc__='`{"type": "grait", "grait": {"hyperparameters": {...}, "eval_files": [...]}}`.',
+    **{
+        name.replace("-", "_"): (
+            MethodSettings | None,
+            Field(None, alias=name) if "-" in name else None,
+        )
+        for name in METHOD_TYPES
+    },
+)
+
+
 class FineTuningJobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -108,7 +111,7 @@ class FineTuningJobCreate(BaseModel):
     seed: int | None = Field(None, description="Default 0 (grait runs are seeded).")
     metadata: dict[str, str] | None = None
     hyperparameters: OpenAIHyperparameters | None = None
-    method: Method | None = Field(
+    method: Method | None = Field(  # type: ignore[valid-type]
         None, description=f'Absent = `{{"type": "{DEFAULT_METHOD}"}}` with grait\'s defaults.'
     )
     integrations: list[Any] | None = Field(None, max_length=0, description="Not supported.")
@@ -235,7 +238,16 @@ class FineTuningJobObject(BaseModel):
         )
 
 
-RESULT_ORDER = ("report_json", "report_md", "report_plot", "adapter", "train_set", "selection")
+RESULT_ORDER = (
+    "report_json",
+    "report_md",
+    "report_plot",
+    "adapter",
+    "train_set",
+    "selection",
+    "operating_point",
+    "operating_point_plot",
+)
 
 
 def _artifact_order(row: Artifact) -> tuple[int, str]:

@@ -40,7 +40,15 @@ def test_config_defaults_lists_every_group():
     assert out.returncode == 0
     defaults = yaml.safe_load(out.stdout)
     assert defaults["knowledge"]["tau"] == 0.5
-    assert defaults["weighting"] == {"temperature": 0.05, "w_min": 0.1, "w_max": 5.0}
+    assert defaults["weighting"] == {
+        "temperature_scale": "relative",
+        "relative_temperature": 1.0,
+        "temperature": 0.05,
+        "w_min": 0.1,
+        "w_max": 5.0,
+    }
+    assert defaults["selection"]["strategy"] == "coverage"
+    assert defaults["knowledge"]["auto"]["max_over_refusal"] == 0.05
     assert defaults["features"]["dim"] == 8192
 
 

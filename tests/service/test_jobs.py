@@ -58,6 +58,75 @@ def test_invalid_job_spec_is_422_naming_the_param(
     assert client.get("/v1/jobs", params={"limit": 100}).json()["data"] == before
 
 
+@pytest.mark.parametrize(
+    ("method", "hyperparameters"),
+    [
+        ("grait", {"knowledge": {"n_idk": "auto", "auto": {"max_over_refusal": 0.1}}}),
+        ("stratified-random", {}),
+        ("stratified-random", {"knowledge": {"n_idk": "auto"}}),
+    ],
+)
+def test_auto_budget_and_stratified_random_jobs_are_accepted(
+    client: httpx.Client,
+    datasets: dict[str, str],
+    no_worker: Worker,
+    method: str,
+    hyperparameters: dict[str, Any],
+) -> None:
+    response = client.post(
+        "/v1/jobs", json=spec(datasets, method=method, hyperparameters=hyperparameters)
+    )
+    assert response.status_code == 201, response.text
+    job = response.json()
+    assert (job["method"], job["status"]) == (method, "queued")
+    knowledge = job["hyperparameters"]["knowledge"]
+    wanted = hyperparameters.get("knowledge", {})
+    assert knowledge["n_idk"] == wanted.get("n_idk")
+    assert knowledge["auto"]["max_over_refusal"] == wanted.get("auto", {}).get(
+        "max_over_refusal", 0.05
+    )
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "param", "words"),
+    [
+        (
+            {"method": "rtuning", "hyperparameters": {"knowledge": {"n_idk": "auto"}}},
+            "hyperparameters.knowledge.n_idk",
+            "no budget to pick",
+        ),
+        (
+            {"method": "van", "hyperparameters": {"knowledge": {"n_idk": "auto"}}},
+            "hyperparameters.knowledge.n_idk",
+            "stratified-random",
+        ),
+        (
+            {"hyperparameters": {"knowledge": {"auto": {"max_over_refusal": 2}}}},
+            "hyperparameters.knowledge.auto.max_over_refusal",
+            "less than or equal to 1",
+        ),
+        (
+            {"hyperparameters": {"knowledge": {"n_idk": "lots"}}},
+            "hyperparameters.knowledge.n_idk",
+            "'auto'",
+        ),
+    ],
+)
+def test_auto_budget_errors_are_422_naming_the_field(
+    client: httpx.Client,
+    datasets: dict[str, str],
+    overrides: dict[str, Any],
+    param: str,
+    words: str,
+) -> None:
+    response = client.post("/v1/jobs", json=spec(datasets, **overrides))
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == (param, "invalid_request"), error
+    assert words in error["message"], error
+
+
 def test_job_fills_documented_defaults_and_keeps_metadata(
     client: httpx.Client, datasets: dict[str, str], no_worker: Worker
 ) -> None:

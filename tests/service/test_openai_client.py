@@ -302,6 +302,71 @@ def test_cancel_of_a_queued_job_and_its_file_in_use(
     assert [j.id for j in found] == [job.id]
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "method",
+    [
+        {
+            "type": "grait",
+            "grait": {
+                "hyperparameters": {
+                    "knowledge": {"n_idk": "auto", "auto": {"max_over_refusal": 0.1}}
+                }
+            },
+        },
+        {"type": "stratified-random"},
+        {
+            "type": "stratified-random",
+            "stratified-random": {"hyperparameters": {"knowledge": {"n_idk": "auto"}}},
+        },
+    ],
+)
+def test_auto_budget_and_stratified_random_jobs_are_accepted_through_the_openai_client(
+    oai: openai.OpenAI,
+    client: httpx.Client,
+    uploaded: dict[str, str],
+    no_worker: Worker,
+    method: dict[str, Any],
+) -> None:
+    job = oai.fine_tuning.jobs.create(
+        model="smollm2-135m-instruct",
+        training_file=uploaded["arc_train"],
+        validation_file=uploaded["arc_valid"],
+        method=method,  # type: ignore[arg-type]
+    )
+
+    assert job.status == "queued" and job.method.type == method["type"]
+    native = client.get(f"/v1/jobs/{job.id}").json()
+    assert native["method"] == method["type"]
+    given = (method.get(method["type"]) or {}).get("hyperparameters", {}).get("knowledge", {})
+    assert native["hyperparameters"]["knowledge"]["n_idk"] == given.get("n_idk")
+    if "auto" in given:
+        assert native["hyperparameters"]["knowledge"]["auto"]["max_over_refusal"] == 0.1
+        inner = getattr(job.method, method["type"])["hyperparameters"]
+        assert inner["knowledge"]["n_idk"] == "auto"
+    oai.fine_tuning.jobs.cancel(job.id)
+
+
+@pytest.mark.timeout(60)
+def test_auto_budget_for_a_method_without_one_is_a_bad_request_naming_the_field(
+    oai: openai.OpenAI, client: httpx.Client, uploaded: dict[str, str]
+) -> None:
+    before = client.get("/v1/jobs", params={"limit": 100}).json()["data"]
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.fine_tuning.jobs.create(
+            model="smollm2-135m-instruct",
+            training_file=uploaded["arc_train"],
+            method={  # type: ignore[arg-type]
+                "type": "rtuning",
+                "rtuning": {"hyperparameters": {"knowledge": {"n_idk": "auto"}}},
+            },
+        )
+
+    assert info.value.param == "method.rtuning.hyperparameters.knowledge.n_idk", info.value.body
+    assert "no budget to pick" in info.value.message
+    assert client.get("/v1/jobs", params={"limit": 100}).json()["data"] == before
+
+
 @pytest.mark.timeout(300)
 def test_grait_job_through_the_openai_client(
     oai: openai.OpenAI,
