@@ -5,8 +5,10 @@ For each testbed profile (`topic`: knowledge follows the relation, 10%-90% taugh
 
 1. The seed draws the eval facts (`--eval-known` taught + `--eval-unknown` untaught) and
    trains on the rest, so seeds vary the data as well as the training.
-2. `grait.pipeline.run_pipeline(..., until="gradient_features")` runs Stage 1 and Stage 2
-   once into `seed<k>/shared/`; every (method, budget) run links those stages and runs the
+2. Stage 1 (the library's knowledge query) runs once over every fact and each seed's
+   training set takes its rows from it; `grait.pipeline.run_pipeline(...,
+   until="gradient_features")` then runs Stage 2 once per seed into `seed<k>/shared/`;
+   every (method, budget) run links those stages and runs the
    library's own selection and training stages with `knowledge.n_idk = budget` and the same
    fixed number of optimizer steps at every budget (`training.max_steps`).
 3. Each tuned adapter is probed on the ID (training paraphrase) and OOD (unseen paraphrase)
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -33,9 +36,10 @@ from typing import Any
 from bench.quality import testbed
 from bench.quality.runner import link_stages
 from grait.config import ALL_LINEAR, JobConfig
-from grait.data import write_jsonl
+from grait.data import read_jsonl, write_jsonl
+from grait.knowledge import KnowledgeResult, split_known_unknown
 from grait.methods import method_spec
-from grait.pipeline import run_pipeline
+from grait.pipeline import FORMAT_VERSION, config_hash, run_pipeline
 
 ALL = "all"  # the budget "every unknown" = R-Tuning
 Log = Callable[[str], None]
@@ -94,8 +98,58 @@ def config_for(job: dict[str, Any], method: str, seed: int, budget: int | str) -
     return JobConfig.model_validate({**cfg, "method": method, "seed": seed, "evals": []})
 
 
-def prepare_seed(job: dict[str, Any], data: SeedData, log: Log) -> tuple[dict[str, Any], Path]:
-    """Stages 1-2 once per seed (resumable); returns the seed's job dict and shared run dir."""
+def stage1_all_facts(
+    job: dict[str, Any], facts: list[testbed.Fact], folder: Path, log: Log
+) -> dict[str, Any]:
+    """The knowledge query over every fact once (the library's own stage, sampling seed 0).
+
+    Stage 1 labels the user's data; it is not what the methods differ in, and on this testbed
+    it costs more than a seed's features. Each seed's training set takes its rows from here.
+    """
+    path = folder / "all_facts.jsonl"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        write_jsonl(path, (f.record(0).to_json() for f in facts))
+    hyper = {k: v for k, v in job.items() if k not in ("base_model", "train")}
+    config = config_for(job_dict(job["base_model"], path, hyper), "rtuning", 0, ALL)
+    started = time.perf_counter()
+    run_pipeline(config, folder / "stage1", until="knowledge_query")
+    log(f"stage 1 on {len(facts)} facts ready ({time.perf_counter() - started:.0f}s)")
+    rows = read_jsonl(folder / "stage1" / "knowledge_query" / "knowledge.jsonl")
+    return {row["id"]: row for row in rows}
+
+
+def write_seed_stage1(
+    config: JobConfig, run_dir: Path, train: list[testbed.Fact], stage1: dict[str, Any]
+) -> None:
+    """Give `run_dir` a finished knowledge_query stage cut from the all-facts Stage 1."""
+    if (run_dir / "manifest.json").exists():
+        return
+    out = run_dir / "knowledge_query"
+    out.mkdir(parents=True, exist_ok=True)
+    results = [KnowledgeResult(**stage1[f.record(0).id]) for f in train]
+    split = split_known_unknown(results, config.knowledge)
+    write_jsonl(out / "knowledge.jsonl", (r.to_json() for r in results))
+    (out / "split.json").write_text(json.dumps(split.__dict__))
+    manifest = {
+        "version": FORMAT_VERSION,
+        "config_hash": config_hash(config),
+        "config": config.model_dump(mode="json"),
+        "stages": {
+            "knowledge_query": {
+                "seconds": 0.0,
+                "metrics": {"n_ik": len(split.ik_all), "n_idk": len(split.idk_all)},
+                "shared_from": "stage1 over all facts",
+            }
+        },
+    }
+    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def prepare_seed(
+    job: dict[str, Any], data: SeedData, stage1: dict[str, Any], log: Log
+) -> tuple[dict[str, Any], Path]:
+    """Stage 2 once per seed (resumable); returns the seed's job dict and shared run dir."""
     train_path = data.folder / "train.jsonl"
     if not train_path.exists():
         data.folder.mkdir(parents=True, exist_ok=True)
@@ -103,6 +157,7 @@ def prepare_seed(job: dict[str, Any], data: SeedData, log: Log) -> tuple[dict[st
     hyper = {k: v for k, v in job.items() if k not in ("base_model", "train")}
     seed_job = job_dict(job["base_model"], train_path, hyper)
     shared = data.folder / "shared"
+    write_seed_stage1(config_for(seed_job, "grait", data.seed, ALL), shared, data.train, stage1)
     started = time.perf_counter()
     run_pipeline(config_for(seed_job, "grait", data.seed, ALL), shared, until="gradient_features")
     log(f"seed {data.seed}: stages 1-2 ready ({time.perf_counter() - started:.0f}s)")
@@ -200,6 +255,46 @@ def run_cell(
     return {"picked": picked, "weights": weights, "seconds": seconds, "probe": probes}
 
 
+def probe_agreement(
+    model: Any,
+    tok: Any,
+    cells: list[dict[str, Any]],
+    seed_dir: Path,
+    evals: list[testbed.Fact],
+    refusal: str,
+) -> dict[str, Any]:
+    """How often the teacher-forced outcome equals greedy generation scored as usual.
+
+    The probe counts only the exact refusal and the exact gold answer; generation is scored
+    with the refusal patterns and alias matching. Checked on the ID questions of a few cells.
+    """
+    from grait.evaluation import answer_and_score
+    from grait.training import attached_lora
+
+    records = [f.record(0) for f in evals]
+    per_cell = {}
+    for cell in cells:
+        adapter = seed_dir / cell["method"] / f"b{cell['budget']}" / "training" / "adapter"
+        with attached_lora(model, adapter_dir=adapter, trainable=False) as tuned:
+            run = answer_and_score(
+                tuned,
+                tok,
+                records,
+                allow_refusal=True,
+                refusal=refusal,
+                max_new_tokens=12,
+                batch_size=16,
+            )
+        probe = cell["probe"]["id"]["outcomes"]
+        same = [a == b for a, b in zip(run.outcomes, probe)]
+        per_cell[f"{cell['method']} b={cell['budget']}"] = {
+            "agreement": sum(same) / len(same),
+            "generated": dict(Counter(run.outcomes)),
+            "probed": dict(Counter(probe)),
+        }
+    return per_cell
+
+
 def _cached(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     if path.exists():
         return json.loads(path.read_text())
@@ -237,13 +332,14 @@ def run_profile(
     job = job_dict(str(knowing), Path("-"), hyper)
     refusal = JobConfig.model_validate({**job, "method": "grait"}).refusal
     model, tok = load_base_model(str(knowing), pick_runtime())
+    stage1 = stage1_all_facts(job, facts, work, log)
     cells: list[dict[str, Any]] = []
     seeds_out: list[dict[str, Any]] = []
     for seed in seeds:
         train, evals = split_for_seed(facts, seed, n_eval_known, n_eval_unknown)
         data = SeedData(seed, train, evals, work / f"seed{seed}")
         sets = {"id": [f.record(0) for f in evals], "ood": [f.record(2) for f in evals]}
-        seed_job, shared = prepare_seed({**job}, data, log)
+        seed_job, shared = prepare_seed({**job}, data, stage1, log)
         split = json.loads((shared / "knowledge_query" / "split.json").read_text())
         base = _cached(data.folder / "base.json", partial(base_cell, model, tok, sets, refusal))
         seeds_out.append(
@@ -284,9 +380,23 @@ def run_profile(
                 ),
             )
             cells.append({"seed": seed, "method": method, "budget": budget, **cell})
+    first = seeds[0]
+    agreement = _cached(
+        work / f"seed{first}" / "agreement.json",
+        partial(
+            probe_agreement,
+            model,
+            tok,
+            [c for c in cells if c["seed"] == first and c["budget"] in (ALL, max(budgets))],
+            work / f"seed{first}",
+            split_for_seed(facts, first, n_eval_known, n_eval_unknown)[1],
+            refusal,
+        ),
+    )
     return {
         "profile": profile,
         "teaching": teaching,
+        "agreement": agreement,
         "facts": [{"id": f.id, "taught": f.taught} for f in facts],
         "seeds": seeds_out,
         "cells": cells,

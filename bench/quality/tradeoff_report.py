@@ -35,13 +35,23 @@ def _budget_key(b: int | str) -> float:
     return float("inf") if b == ALL else float(b)
 
 
+def known_of(seed: dict[str, Any], eval_set: str) -> np.ndarray:
+    """Known = the untuned (knowing) model answers the question correctly, plain prompt.
+
+    Not "taught": teaching does not take for every fact (the topic testbed's model answers
+    74% of its taught facts), and refusing a taught fact the model never learned is right,
+    not over-refusal. Per eval set, since a paraphrase can be known where another is not.
+    """
+    return np.array(seed["base"][eval_set]["outcomes"]) == "correct"
+
+
 def curves_for(result: dict[str, Any], eval_set: str) -> tuple[list[SeedCurves], dict[str, list]]:
     """Per seed: refused/correct matrices [budgets, questions] per method (rtuning row last)."""
     by = {(c["seed"], c["method"], c["budget"]): c for c in result["cells"]}
     methods = result["methods"]
     seeds, budgets_of = [], {}
     for s in result["seeds"]:
-        known = np.array(s["known"], dtype=bool)
+        known = known_of(s, eval_set)
         base = np.array(s["base"][eval_set]["outcomes"])
         refused, correct = {}, {}
         for m in methods + ["rtuning"]:
@@ -117,7 +127,7 @@ def summarise_profile(result: dict[str, Any], n_boot: int) -> dict[str, Any]:
 
 
 def _aurocs(result: dict[str, Any], ev: str) -> dict[str, dict[str, float]]:
-    known = {s["seed"]: np.array(s["known"], dtype=bool) for s in result["seeds"]}
+    known = {s["seed"]: known_of(s, ev) for s in result["seeds"]}
     acc: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for c in result["cells"]:
         scores = np.array(c["probe"][ev]["scores"])
@@ -155,7 +165,7 @@ def _per_relation(result: dict[str, Any]) -> dict[str, Any]:
             for c in cells:
                 s = seeds[c["seed"]]
                 outs = c["probe"]["id"]["outcomes"]
-                for fid, known, o in zip(s["eval_ids"], s["known"], outs):
+                for fid, known, o in zip(s["eval_ids"], known_of(s, "id"), outs):
                     if relation_of(fid) == r:
                         (kr if known else ur).append(o == "refused")
             rel[r]["picks"][m] = float(np.mean(picks)) if picks else 0.0
@@ -208,13 +218,23 @@ def render(summary: dict[str, Any], result: dict[str, Any], header: list[str]) -
         f"- Knowing model: taught facts answered exactly {t.get('taught_correct', float('nan')):.2f}, "
         f"untaught {t.get('untaught_correct', float('nan')):.2f}."
     )
+    n_known = [int(known_of(s, "id").sum()) for s in result["seeds"]]
     n_ik = [len(s["ik"]) for s in result["seeds"]]
     n_idk = [len(s["idk"]) for s in result["seeds"]]
     lines.append(
         f"- Per seed: {len(result['seeds'][0]['train_ids'])} training facts, Stage 1 known "
         f"{min(n_ik)}–{max(n_ik)}, unknown {min(n_idk)}–{max(n_idk)}; eval "
-        f"{sum(result['seeds'][0]['known'])} known + {len(result['seeds'][0]['known']) - sum(result['seeds'][0]['known'])} unknown facts."
+        f"{len(result['seeds'][0]['known'])} facts (half taught), of which the untuned model "
+        f"answers {min(n_known)}–{max(n_known)} correctly (ID): those are the *known* ones below."
     )
+    agree = result.get("agreement") or {}
+    if agree:
+        lines.append(
+            "- Teacher-forced outcomes vs greedy generation scored with the refusal patterns "
+            "(ID, first seed): "
+            + "; ".join(f"{k}: {v['agreement']:.1%} agree" for k, v in agree.items())
+            + "."
+        )
     lines += header + [""]
     for ev, title in EVAL_SETS.items():
         e = summary["eval"][ev]

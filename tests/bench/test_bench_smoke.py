@@ -148,6 +148,8 @@ def test_tradeoff_smoke_writes_curves_areas_and_plots(tmp_path: Path) -> None:
             assert entry["curve"]["rtuning"]["budgets"] == ["all"]
     # Every (seed, method, budget) cell ran once: 2 seeds x (3 methods x 2 budgets + rtuning).
     for result in summary["results"]:
+        assert 0.0 <= min(a["agreement"] for a in result["agreement"].values())
+        assert len(result["agreement"]) == 4  # rtuning + the largest budget of each method
         assert len(result["cells"]) == 2 * (3 * 2 + 1)
         for cell in result["cells"]:
             if cell["method"] != "rtuning":
