@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     to.add_argument("--seed-start", type=int, default=0, help="first seed (fresh seeds confirm)")
     to.add_argument("--budgets", default="4,8,16,32", help="refusal budgets below 'all'")
     to.add_argument("--steps", type=int, default=16, help="optimizer steps at every budget")
+    to.add_argument("--eval-sets", default="id,ood", help="id (training paraphrase), ood")
     to.add_argument("--eval-known", type=int, default=100)
     to.add_argument("--eval-unknown", type=int, default=100)
     tb = p.add_argument_group("testbed setting")
@@ -251,6 +252,7 @@ def main_tradeoff(args: argparse.Namespace) -> int:
                 n_eval_known=args.eval_known,
                 n_eval_unknown=args.eval_unknown,
                 teach=teach,
+                eval_sets=tuple(e.strip() for e in args.eval_sets.split(",") if e.strip()),
                 log=_log,
                 **sizes,
             )

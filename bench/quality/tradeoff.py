@@ -319,6 +319,7 @@ def run_profile(
     n_eval_known: int,
     n_eval_unknown: int,
     teach: testbed.TeachSettings,
+    eval_sets: tuple[str, ...] = ("id", "ood"),
     n_facts: int | None = None,
     n_taught: int | None = None,
     log: Log,
@@ -338,7 +339,8 @@ def run_profile(
     for seed in seeds:
         train, evals = split_for_seed(facts, seed, n_eval_known, n_eval_unknown)
         data = SeedData(seed, train, evals, work / f"seed{seed}")
-        sets = {"id": [f.record(0) for f in evals], "ood": [f.record(2) for f in evals]}
+        paraphrase = {"id": 0, "ood": 2}
+        sets = {ev: [f.record(paraphrase[ev]) for f in evals] for ev in eval_sets}
         seed_job, shared = prepare_seed({**job}, data, stage1, log)
         split = json.loads((shared / "knowledge_query" / "split.json").read_text())
         base = _cached(data.folder / "base.json", partial(base_cell, model, tok, sets, refusal))
@@ -387,7 +389,15 @@ def run_profile(
             probe_agreement,
             model,
             tok,
-            [c for c in cells if c["seed"] == first and c["budget"] in (ALL, max(budgets))],
+            [
+                c
+                for c in cells
+                if c["seed"] == first
+                and (
+                    c["method"] == "rtuning"
+                    or (c["method"], c["budget"]) == (methods[0], max(budgets))
+                )
+            ],
             work / f"seed{first}",
             split_for_seed(facts, first, n_eval_known, n_eval_unknown)[1],
             refusal,
@@ -403,4 +413,5 @@ def run_profile(
         "hyper": hyper,
         "budgets": budgets,
         "methods": methods,
+        "eval_sets": list(eval_sets),
     }

@@ -82,7 +82,7 @@ def summarise_profile(result: dict[str, Any], n_boot: int) -> dict[str, Any]:
     """Every number the report shows, for one testbed."""
     methods = result["methods"]
     out: dict[str, Any] = {"profile": result["profile"], "eval": {}}
-    for ev in EVAL_SETS:
+    for ev in result["eval_sets"]:
         seeds, budgets_of = curves_for(result, ev)
         entry: dict[str, Any] = {"area": {}, "area_diff": {}, "curve": {}, "ths_best": {}}
         for m in methods:
@@ -236,8 +236,8 @@ def render(summary: dict[str, Any], result: dict[str, Any], header: list[str]) -
             + "."
         )
     lines += header + [""]
-    for ev, title in EVAL_SETS.items():
-        e = summary["eval"][ev]
+    for ev, e in summary["eval"].items():
+        title = EVAL_SETS[ev]
         lines += [f"### {title}", ""]
         rows = [[m, _fmt(*e["area"][m])] for m in methods]
         lines.append(
@@ -320,8 +320,10 @@ def plot(summary: dict[str, Any], methods: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    for ax, (ev, title) in zip(axes, EVAL_SETS.items()):
+    evals = list(summary["eval"])
+    fig, axes = plt.subplots(1, len(evals), figsize=(5 * len(evals), 4.2), squeeze=False)
+    for ax, ev in zip(axes[0], evals):
+        title = EVAL_SETS[ev]
         curve = summary["eval"][ev]["curve"]
         for m in methods:
             c = curve[m]

@@ -4,6 +4,7 @@ tables and plots. CI runs these; the full benchmarks are run by hand (bench/READ
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -144,12 +145,15 @@ def test_tradeoff_smoke_writes_curves_areas_and_plots(tmp_path: Path) -> None:
             assert "grait - random-idk" in entry["area_diff"]
             curve = entry["curve"]["grait"]
             assert curve["budgets"] == [2, 4, "all"]
-            assert all(0.0 <= x <= 1.0 for x in curve["over_refusal"] + curve["unknown_refused"])
+            # A random tiny model knows nothing, so over-refusal may be undefined (NaN) there.
+            rates = curve["over_refusal"] + curve["unknown_refused"]
+            assert all(math.isnan(x) or 0.0 <= x <= 1.0 for x in rates)
+            assert not all(math.isnan(x) for x in curve["unknown_refused"])
             assert entry["curve"]["rtuning"]["budgets"] == ["all"]
     # Every (seed, method, budget) cell ran once: 2 seeds x (3 methods x 2 budgets + rtuning).
     for result in summary["results"]:
         assert 0.0 <= min(a["agreement"] for a in result["agreement"].values())
-        assert len(result["agreement"]) == 4  # rtuning + the largest budget of each method
+        assert set(result["agreement"]) == {"rtuning b=all", "grait b=4"}
         assert len(result["cells"]) == 2 * (3 * 2 + 1)
         for cell in result["cells"]:
             if cell["method"] != "rtuning":
