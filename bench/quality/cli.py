@@ -202,7 +202,8 @@ def main_tradeoff(args: argparse.Namespace) -> int:
 
     name = args.name or ("smoke-tradeoff" if args.smoke else "tradeoff")
     cache = args.cache_dir or (args.results_dir / "cache")
-    work = args.work_dir or (args.results_dir / "work" / name)
+    # Absolute: run folders are keyed by specs that hold data paths.
+    work = (args.work_dir or (args.results_dir / "work" / name)).resolve()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     hyper = copy.deepcopy(tradeoff.STUDY_HYPER)
     hyper["training"]["max_steps"] = args.steps
