@@ -5,6 +5,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import SHARED_DATA
+
 from .conftest import upload
 
 pytestmark = pytest.mark.timeout(60)
@@ -37,11 +39,7 @@ def test_upload_mmlu_csv_and_nq_jsonl_are_detected(
 ) -> None:
     mmlu = upload(client, data_dir / "mmlu_excerpt.csv").json()
     assert (mmlu["format"], mmlu["kind"], mmlu["rows"]) == ("mmlu", "mcqa", 32)
-    nq_rows = (
-        (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "nq" / "dev_part1.jsonl")
-        .read_text()
-        .splitlines()[:5]
-    )
+    nq_rows = (SHARED_DATA / "nq" / "dev_part1.jsonl").read_text().splitlines()[:5]
     nq_file = tmp_path / "nq.jsonl"
     nq_file.write_text("\n".join(nq_rows) + "\n")
     nq = upload(client, nq_file).json()
