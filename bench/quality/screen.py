@@ -40,7 +40,6 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 def screen(work: Path, budgets: list[int]) -> str:
     rows: dict[tuple[str, int], list[float]] = {}
     spread: dict[tuple[str, int], list[int]] = {}
-    taught_share: dict[str, list[bool]] = {}
     for seed_dir in sorted(work.glob("seed*")):
         shared = seed_dir / "shared"
         if not (shared / "gradient_features").exists():
@@ -49,8 +48,6 @@ def screen(work: Path, budgets: list[int]) -> str:
         train = load_records(seed_dir / "train.jsonl", "canonical")
         split = json.loads((shared / "knowledge_query" / "split.json").read_text())
         idk, ik = split["idk_all"], split["ik_all"]
-        for i in ik + idk:
-            taught_share.setdefault(relation_of(train[i].id), []).append(i in ik)
         features = load_features(shared)
         for name, (kind, over) in VARIANTS.items():
             cfg = SelectionConfig(**over)
@@ -59,9 +56,8 @@ def screen(work: Path, budgets: list[int]) -> str:
             ).order
             for b in budgets:
                 rels = [relation_of(train[idk[c]].id) for c in order[:b]]
-                known_share = [
-                    np.mean(taught_share_of(train, split, r)) for r in rels
-                ]  # Stage-1 known share of each pick's relation in this seed's training set
+                # Stage-1 known share of each pick's relation in this seed's training set.
+                known_share = [np.mean(known_in_relation(train, split, r)) for r in rels]
                 rows.setdefault((name, b), []).append(float(np.mean(known_share)))
                 spread.setdefault((name, b), []).append(len(Counter(rels)))
     lines = []
@@ -82,7 +78,8 @@ def screen(work: Path, budgets: list[int]) -> str:
     return "\n".join(lines)
 
 
-def taught_share_of(train: list, split: dict, relation: str) -> list[bool]:
+def known_in_relation(train: list, split: dict, relation: str) -> list[bool]:
+    """Stage-1 known flags of the training questions of one relation."""
     ik = set(split["ik_all"])
     return [i in ik for i, r in enumerate(train) if relation_of(r.id) == relation]
 
