@@ -70,7 +70,9 @@ def _json_arg(value: str | None) -> dict[str, Any]:
 def _status_line(job: dict[str, Any]) -> str:
     eta = f", eta {job['eta_seconds']:.0f}s" if job.get("eta_seconds") else ""
     stage = f" {job['stage']}" if job.get("stage") else ""
-    return f"[{job['status']}]{stage} {job['percent']:.1f}%{eta}"
+    codes = ", ".join(w["code"] for w in job.get("warnings") or [])
+    warned = f" - warnings: {codes}" if codes else ""
+    return f"[{job['status']}]{stage} {job['percent']:.1f}%{eta}{warned}"
 
 
 def follow(client: httpx.Client, job_id: str, *, interval: float = 1.0) -> dict[str, Any]:

@@ -144,6 +144,8 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     error_code: Mapped[str | None] = mapped_column(String(40))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # [{code, message, stage}]: the job ran, but something about its result needs a look
+    warnings: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255))

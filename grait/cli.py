@@ -149,6 +149,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"  {ev['name']}: P_c={tuned['correct']:.3f} P_w={tuned['wrong']:.3f} "
             f"P_r={tuned['refused']:.3f} THS={ths}"
         )
+    for w in result.warnings:
+        print(f"warning ({w['code']}): {w['message']}", file=sys.stderr)
     return 0
 
 

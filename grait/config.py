@@ -249,10 +249,60 @@ class WeightingConfig(_Strict):
         return self
 
 
-class TrainingConfig(_Strict):
-    """Weighted LoRA SFT. Release: lr 2e-4, cosine, 3% warm-up, 3 epochs, batch 16, clip 1."""
+class FitCheckConfig(_Strict):
+    """After training: does the adapter give its training targets? (One teacher-forced pass.)
 
-    epochs: float = Field(3.0, gt=0.0)
+    A job whose adapter barely moved still "succeeds"; this check makes that visible as a
+    warning (`refusal_not_learned`, `answers_not_kept`) in the events, report and job object.
+    """
+
+    enabled: bool = True
+    max_rows: int = Field(
+        256, ge=1, le=100_000, description="Training rows probed per kind (a seeded sample)."
+    )
+    min_refusal_learned: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Warn below this share of training refusals the tuned model gives.",
+    )
+    min_answers_kept: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Warn below this share of known training answers the tuned model gives.",
+    )
+
+
+class AutoEpochsConfig(_Strict):
+    """How `epochs: auto` scales with the training set (see `grait.training.auto_epochs`)."""
+
+    epochs: float = Field(
+        3.0, gt=0.0, le=1000.0, description="Epochs for a set large enough to need no more."
+    )
+    min_steps: int = Field(
+        48,
+        ge=1,
+        le=1_000_000,
+        description="Floor on optimizer steps: small sets get more epochs to reach it.",
+    )
+    max_epochs: float = Field(
+        25.0, gt=0.0, le=1000.0, description="Ceiling on epochs, whatever the set size."
+    )
+
+
+class TrainingConfig(_Strict):
+    """Weighted LoRA SFT. Release: lr 2e-4, cosine, 3% warm-up, 3 epochs, batch 16, clip 1.
+
+    `epochs: auto` (default) keeps the release's 3 epochs but gives small sets enough
+    optimizer steps to learn the refusal at all (`auto` holds the rule's knobs).
+    """
+
+    epochs: float | Literal["auto"] = Field(
+        "auto", description="Passes over the training set (0-1000], or auto (from its size)."
+    )
+    auto: AutoEpochsConfig = Field(default_factory=AutoEpochsConfig)
+    fit_check: FitCheckConfig = Field(default_factory=FitCheckConfig)
     max_steps: int | None = Field(
         None, ge=1, description="Fixed optimizer steps whatever the set size (overrides epochs)."
     )
@@ -266,6 +316,18 @@ class TrainingConfig(_Strict):
     )
     grad_clip: float = Field(1.0, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
+
+    @field_validator("epochs", mode="before")
+    @classmethod
+    def _epochs(cls, value: Any) -> Any:
+        """One error on `epochs` itself (a union would report one per member)."""
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PydanticCustomError("epochs", "epochs must be a number in (0, 1000] or 'auto'")
+        if not 0 < value <= 1000:
+            raise PydanticCustomError("epochs", "epochs must be a number in (0, 1000] or 'auto'")
+        return float(value)
 
 
 class EvalConfig(_Strict):

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from grait.config import JobConfig
+from grait.config import FitCheckConfig, JobConfig
 from grait.data import QARecord, load_records, read_jsonl, take, write_jsonl
 from grait.evaluation import EvalRun, answer_and_score, model_entry
 from grait.events import (
@@ -42,6 +43,7 @@ from grait.features import (
     compute_features,
     make_projection,
 )
+from grait.fit_check import check_fit
 from grait.knowledge import (
     KnowledgeResult,
     choose_scorer,
@@ -58,7 +60,14 @@ from grait.ranking import Features, rank_candidates, refusal_weights
 from grait.refusal_score import probe_refusals
 from grait.report import OPERATING_POINT_PLOT, write_report
 from grait.scoring import Outcome
-from grait.training import TrainSettings, WeightedExample, attached_lora, train_weighted
+from grait.training import (
+    TrainSettings,
+    WeightedExample,
+    attached_lora,
+    auto_epochs,
+    steps_per_epoch,
+    train_weighted,
+)
 
 MANIFEST = "manifest.json"
 OPERATING_POINT = "operating_point.json"  # selection/: the `auto` budget's evidence
@@ -76,16 +85,30 @@ class PipelineResult:
     report: dict[str, Any]
     artifacts: dict[str, Path]
     timings: dict[str, float]
+    # [{code, message, stage}] from every completed stage (e.g. the training-fit check)
+    warnings: list[dict[str, Any]] = field(default_factory=list)
 
 
 def config_hash(config: JobConfig) -> str:
     """Identifies a spec in its run directory.
 
-    `knowledge.auto` only counts when `n_idk` is `auto`: a spec that does not use it hashes as
-    it did before the group existed, so earlier run directories still resume.
+    Groups added later count only when used, so a spec that does not use them hashes as it
+    did before they existed and earlier run directories still resume: `knowledge.auto` when
+    `n_idk` is `auto`, `training.auto` when `epochs` is `auto`, `training.fit_check` when it
+    differs from its defaults (it changes warnings, never the adapter).
     """
-    exclude = None if config.knowledge.n_idk == "auto" else {"knowledge": {"auto"}}
-    return hashlib.sha256(config.model_dump_json(exclude=exclude).encode()).hexdigest()[:16]
+    exclude: dict[str, Any] = {}
+    if config.knowledge.n_idk != "auto":
+        exclude["knowledge"] = {"auto"}
+    training = set()
+    if config.training.epochs != "auto":
+        training.add("auto")
+    if config.training.fit_check == FitCheckConfig():
+        training.add("fit_check")
+    if training:
+        exclude["training"] = training
+    dump = config.model_dump_json(exclude=exclude or None)
+    return hashlib.sha256(dump.encode()).hexdigest()[:16]
 
 
 def _read_manifest(run_dir: Path) -> dict[str, Any] | None:
@@ -412,7 +435,6 @@ def _auto_budget(
     """`n_idk: auto`: trial LoRAs with the job's own training settings, probed on a hold-out."""
     cfg = run.config
     model, tok = run.model
-    settings = _train_settings(cfg)
     encoded: dict[tuple[int, str], Any] = {}
 
     def example(row: int, target: str, weight: float) -> WeightedExample:
@@ -432,7 +454,7 @@ def _auto_budget(
                 peft_model,
                 tok,
                 examples,
-                settings,
+                _train_settings(cfg, len(examples)),
                 work_dir=work,
                 should_cancel=run.should_cancel,
             )
@@ -478,11 +500,26 @@ def _training_set(run: _Run) -> list[tuple[int, str, str, float]]:
     return known + [(i, "idk", cfg.refusal, w) for i, w in zip(chosen["rows"], chosen["weights"])]
 
 
-def _train_settings(cfg: JobConfig) -> TrainSettings:
+def resolved_epochs(cfg: JobConfig, n_examples: int) -> float:
+    """The job's epochs as a number: `auto` resolved from the training-set size."""
+    t = cfg.training
+    if t.epochs != "auto":
+        return float(t.epochs)
+    return auto_epochs(
+        n_examples,
+        t.batch_size,
+        t.gradient_accumulation_steps,
+        epochs=t.auto.epochs,
+        min_steps=t.auto.min_steps,
+        max_epochs=t.auto.max_epochs,
+    )
+
+
+def _train_settings(cfg: JobConfig, n_examples: int) -> TrainSettings:
     """The final tuning's settings (the `auto` budget's trial trainings use the same)."""
     t = cfg.training
     return TrainSettings(
-        epochs=t.epochs,
+        epochs=resolved_epochs(cfg, n_examples),
         learning_rate=t.learning_rate,
         batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -515,8 +552,26 @@ def _stage_training(run: _Run, out: Path) -> dict[str, Any]:
         ),
     )
     examples = [WeightedExample(run.encode(run.train[i], target), w) for i, _, target, w in plan]
-    t = cfg.training
-    settings = _train_settings(cfg)
+    settings = _train_settings(cfg, len(examples))
+    optimizer_steps = settings.max_steps or max(
+        1,
+        math.ceil(
+            steps_per_epoch(
+                len(examples), settings.batch_size, settings.gradient_accumulation_steps
+            )
+            * settings.epochs
+        ),
+    )
+    if cfg.training.epochs == "auto" and settings.max_steps is None:
+        run.emit(
+            PipelineEvent(
+                "metrics",
+                "training",
+                message=f"epochs auto: {settings.epochs:g} epochs = {optimizer_steps} optimizer "
+                f"steps for {len(examples)} examples",
+                data={"epochs": settings.epochs, "optimizer_steps": optimizer_steps},
+            )
+        )
     losses: list[float] = []
 
     def on_loss(step: int, loss: float) -> None:
@@ -539,14 +594,36 @@ def _stage_training(run: _Run, out: Path) -> dict[str, Any]:
             should_cancel=run.should_cancel,
         )
         peft_model.save_pretrained(out / "adapter")
+        fit = None
+        if cfg.training.fit_check.enabled:
+            fit = check_fit(
+                peft_model,
+                [(kind, e.encoded) for (_, kind, _, _), e in zip(plan, examples)],
+                cfg.training.fit_check,
+                pad_id=tok.pad_token_id,
+                batch_size=cfg.evaluation.batch_size,
+                seed=cfg.seed,
+            )
+            for warning in fit.warnings:
+                run.emit(
+                    PipelineEvent(
+                        "warning",
+                        "training",
+                        message=f"{warning.code}: {warning.message}",
+                        data={"code": warning.code},
+                    )
+                )
     shutil.rmtree(out / "hf", ignore_errors=True)
     n_idk = sum(1 for _, kind, _, _ in plan if kind == "idk")
     return {
         "examples": len(plan),
         "refusal_examples": n_idk,
-        "trained_tokens": int(sum(e.encoded.n_target for e in examples) * t.epochs),
+        "epochs": settings.epochs,
+        "optimizer_steps": optimizer_steps,
+        "trained_tokens": int(sum(e.encoded.n_target for e in examples) * settings.epochs),
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
+        **({"fit": fit.to_json()} if fit else {}),
     }
 
 
@@ -617,6 +694,12 @@ def _stage_evaluation(run: _Run, out: Path, timings: dict[str, float]) -> dict[s
     operating_point = run.stage_dir("selection") / OPERATING_POINT
     if operating_point.exists():
         report["operating_point"] = json.loads(operating_point.read_text())
+    manifest = _read_manifest(run.run_dir) or {"stages": {}}
+    training = manifest["stages"].get("training", {}).get("metrics")
+    if training:
+        keys = ("examples", "refusal_examples", "epochs", "optimizer_steps", "fit")
+        report["training"] = {k: training[k] for k in keys if k in training}
+    report["warnings"] = stage_warnings(manifest)
     write_report(out, report)
     tuned_ths = {e["name"]: e["models"][-1]["ths"] for e in evals}
     return {"ths": tuned_ths}
@@ -735,6 +818,16 @@ _STAGE_FUNCS: dict[str, Callable[[_Run, Path], dict[str, Any]]] = {
 }
 
 
+def stage_warnings(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every completed stage's warnings, in stage order: [{code, message, stage}]."""
+    out = []
+    for stage in STAGES:
+        metrics = manifest["stages"].get(stage, {}).get("metrics") or {}
+        for w in (metrics.get("fit") or {}).get("warnings", []):
+            out.append({"code": w["code"], "message": w["message"], "stage": stage})
+    return out
+
+
 def _result(run_dir: Path, timings: dict[str, float]) -> PipelineResult:
     adapter = run_dir / "training" / "adapter"
     report_dir = run_dir / "evaluation"
@@ -754,7 +847,8 @@ def _result(run_dir: Path, timings: dict[str, float]) -> PipelineResult:
         artifacts["selection"] = selection
     if (run_dir / "selection" / OPERATING_POINT).exists():
         artifacts["operating_point"] = run_dir / "selection" / OPERATING_POINT
-    return PipelineResult(run_dir, adapter, report, artifacts, timings)
+    manifest = _read_manifest(run_dir) or {"stages": {}}
+    return PipelineResult(run_dir, adapter, report, artifacts, timings, stage_warnings(manifest))
 
 
 def load_train_set(run_dir: Path) -> list[dict[str, Any]]:

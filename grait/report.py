@@ -103,6 +103,12 @@ def validate_report(report: dict[str, Any]) -> None:
         raise ReportError("report['notes']: expected a list of strings")
     if "operating_point" in report:
         _validate_operating_point(report["operating_point"])
+    warnings = report.get("warnings", [])
+    if not isinstance(warnings, list) or not all(
+        isinstance(w, dict) and isinstance(w.get("code"), str) and isinstance(w.get("message"), str)
+        for w in warnings
+    ):
+        raise ReportError("report['warnings']: expected a list of {code, message} objects")
 
 
 def _validate_operating_point(op: Any) -> None:
@@ -171,6 +177,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             )
         ),
     ]
+    warnings = report.get("warnings") or []
+    if warnings:
+        lines += ["", "## Warnings", ""]
+        lines += [f"- **{_md_escape(w['code'])}**: {_md_escape(w['message'])}" for w in warnings]
     for ev in report["evals"]:
         lines += ["", f"## {_md_escape(ev['name'])} ({ev['kind'].upper()})", ""]
         lines += ["| model | n | P_c | P_w | P_r | THS |", "|---|---:|---:|---:|---:|---:|"]
@@ -178,6 +188,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             cells = [_md_escape(model["name"]), str(model["n"])]
             cells += [_cell(model, key) for _, key in _RATES]
             lines.append("| " + " | ".join(cells) + " |")
+    if report.get("training"):
+        lines += _training_markdown(report["training"])
     timings = report.get("timings") or {}
     if timings:
         lines += ["", "## Stage wall time", "", "| stage | seconds |", "|---|---:|"]
@@ -190,6 +202,25 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Notes", ""]
         lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
+
+
+def _training_markdown(training: dict[str, Any]) -> list[str]:
+    """How long the adapter trained and whether it gives its own training targets."""
+    lines = ["", "## Training", ""]
+    if "epochs" in training:
+        lines.append(
+            f"- {training.get('examples', '?')} examples ({training.get('refusal_examples', 0)} "
+            f"refusals), {float(training['epochs']):g} epochs = "
+            f"{training.get('optimizer_steps', '?')} optimizer steps."
+        )
+    fit = training.get("fit")
+    if fit:
+        lines.append(
+            f"- Fit check (teacher-forced, greedy-equivalent): training refusals given "
+            f"{_pct(fit.get('refusal_learned'))} of {fit.get('n_refusal', 0)}; known answers "
+            f"given {_pct(fit.get('answers_kept'))} of {fit.get('n_answer', 0)}."
+        )
+    return lines
 
 
 def _pct(value: float | None) -> str:

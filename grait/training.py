@@ -126,6 +126,30 @@ class TrainSettings:
     )
 
 
+def steps_per_epoch(n_examples: int, batch_size: int, accumulation: int = 1) -> int:
+    return max(1, math.ceil(n_examples / (batch_size * accumulation)))
+
+
+def auto_epochs(
+    n_examples: int,
+    batch_size: int,
+    accumulation: int = 1,
+    *,
+    epochs: float = 3.0,
+    min_steps: int = 48,
+    max_epochs: float = 25.0,
+) -> float:
+    """`epochs: auto`: `epochs` passes, or as many whole passes as reach `min_steps` steps.
+
+    A 60-question set at batch 16 is 4 steps an epoch: 3 epochs are 12 steps, too few for
+    the LoRA to learn a refusal (bench.fit measures it), so small sets get more passes, up to
+    `max_epochs`. Large sets keep `epochs`.
+    """
+    per_epoch = steps_per_epoch(n_examples, batch_size, accumulation)
+    needed = math.ceil(min_steps / per_epoch)
+    return float(min(max_epochs, max(epochs, needed)))
+
+
 def lora_config(spec: LoraConfigSpec) -> LoraConfig:
     return LoraConfig(
         r=spec.r,
@@ -182,10 +206,10 @@ def train_weighted(
     """Run the Trainer; return it so callers can read the optimizer state (warm-up) or logs."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    steps_per_epoch = math.ceil(
-        len(examples) / (settings.batch_size * settings.gradient_accumulation_steps)
+    per_epoch = steps_per_epoch(
+        len(examples), settings.batch_size, settings.gradient_accumulation_steps
     )
-    total_steps = settings.max_steps or max(1, math.ceil(steps_per_epoch * settings.epochs))
+    total_steps = settings.max_steps or max(1, math.ceil(per_epoch * settings.epochs))
     args = TrainingArguments(
         output_dir=str(work_dir),
         per_device_train_batch_size=settings.batch_size,

@@ -66,6 +66,7 @@ class ProgressReporter:
         # A stage's summary metrics, kept for its stage_completed event: the checkpoints and
         # trained_tokens of a job are read from those few events, not from every metrics row.
         self.stage_metrics: dict[str, dict[str, Any]] = {}
+        self.warnings: list[dict[str, Any]] = []
 
     def fraction(
         self, stage: str, done: int, total: int, *, completed: bool = False
@@ -177,12 +178,19 @@ class ProgressReporter:
                 ]
             )
         elif ev.kind == "warning":
+            job_values = {}
+            code = ev.data.get("code")
+            if code:  # a coded warning also shows on the job object while the job runs
+                message = ev.message.removeprefix(f"{code}: ")
+                self.warnings.append({"code": code, "message": message, "stage": ev.stage})
+                job_values["warnings"] = list(self.warnings)
             self.fence.write(
+                job_values=job_values,
                 events=[
                     self.event(
                         "warning", ev.stage, ev.message, level="warning", data=ev.data or None
                     )
-                ]
+                ],
             )
         else:
             self.fence.write(

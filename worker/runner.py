@@ -129,6 +129,7 @@ def finish(
     error: tuple[str, str] | None = None,
     artifacts: list[Artifact] | None = None,
     data: dict[str, Any] | None = None,
+    warnings: list[dict[str, Any]] | None = None,
 ) -> bool:
     now = utcnow()
     values: dict[str, Any] = {
@@ -141,8 +142,13 @@ def finish(
         values.update(percent=100.0, stage=None)
     if error:
         values.update(error_code=error[0], error_message=error[1])
+    if warnings is not None:
+        values["warnings"] = warnings
+    codes = sorted({w["code"] for w in warnings or []})
     message = {
-        "succeeded": "Job succeeded.",
+        "succeeded": f"Job succeeded with warnings: {', '.join(codes)}."
+        if codes
+        else "Job succeeded.",
         "cancelled": "Job cancelled at a step boundary.",
     }.get(status, f"Job failed: {error[1] if error else 'unknown error'}")
     with short_session(fence.settings) as session:
@@ -229,7 +235,13 @@ def run_job(job_id: str, *, worker_name: str, settings: Settings) -> str:
         with short_session(settings) as session:
             suffix = session.scalar(select(Job.suffix).where(Job.id == job_id))
         artifacts = store_artifacts(job_id, suffix, result, storage=storage)
-        finish(fence, status="succeeded", artifacts=artifacts, data={"timings": result.timings})
+        finish(
+            fence,
+            status="succeeded",
+            artifacts=artifacts,
+            data={"timings": result.timings},
+            warnings=result.warnings,
+        )
         return "succeeded"
     except Cancelled:
         if fence.lost.is_set():

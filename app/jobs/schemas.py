@@ -100,6 +100,12 @@ class JobError(BaseModel):
     param: str | None = None
 
 
+class JobWarning(BaseModel):
+    code: str = Field(description="e.g. refusal_not_learned, answers_not_kept")
+    message: str
+    stage: str | None = None
+
+
 class JobObject(BaseModel):
     id: str
     object: Literal["grait.job"] = "grait.job"
@@ -118,6 +124,10 @@ class JobObject(BaseModel):
     eta_seconds: float | None
     cancel_requested: bool
     error: JobError | None
+    warnings: list[JobWarning] = Field(
+        default_factory=list,
+        description="The job ran but its result needs a look (e.g. the refusal was not learned).",
+    )
     attempts: int
     created_at: int
     started_at: int | None
@@ -146,6 +156,7 @@ class JobObject(BaseModel):
             error=JobError(code=job.error_code, message=job.error_message or "")
             if job.error_code
             else None,
+            warnings=[JobWarning(**w) for w in job.warnings or []],
             attempts=job.attempts,
             created_at=_ts(job.created_at),  # type: ignore[arg-type]
             started_at=_ts(job.started_at),

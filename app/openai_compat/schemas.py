@@ -37,7 +37,9 @@ class OpenAIHyperparameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    n_epochs: int | Auto | None = Field(None, description="-> training.epochs (default 3).")
+    n_epochs: int | Auto | None = Field(
+        None, description="-> training.epochs (default auto: 3, more for small sets)."
+    )
     batch_size: int | Auto | None = Field(None, description="-> training.batch_size (default 16).")
     learning_rate_multiplier: float | Auto | None = Field(
         None,

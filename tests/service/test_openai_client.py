@@ -376,11 +376,14 @@ def test_grait_job_through_the_openai_client(
     worker: Worker,
     tmp_path: Path,
 ) -> None:
+    method = tiny_grait_method(uploaded)
+    # A bar no one-epoch tiny model clears: the job succeeds and warns (OpenAI's "warn" level).
+    method["grait"]["hyperparameters"]["training"]["fit_check"] = {"min_refusal_learned": 1.0}
     job = oai.fine_tuning.jobs.create(
         model=str(tiny_model),
         training_file=uploaded["arc_train"],
         validation_file=uploaded["arc_valid"],
-        method=tiny_grait_method(uploaded),  # type: ignore[arg-type]
+        method=method,  # type: ignore[arg-type]
         suffix="oai",
         seed=3,
         metadata={"suite": "openai-e2e"},
@@ -415,6 +418,9 @@ def test_grait_job_through_the_openai_client(
     assert events[0].data["status"] == "succeeded" and events[-1].data["status"] == "queued"
     metrics = [e for e in events if e.type == "metrics"]
     assert any("train_loss" in e.data for e in metrics)
+    warned = [e for e in events if e.level == "warn"]
+    assert [e.data["code"] for e in warned] == ["refusal_not_learned"], warned
+    assert "refusal_not_learned" in events[0].message
     assert any(e.data.get("n_ik", -1) + e.data.get("n_idk", 0) == 30 for e in metrics)
 
     checkpoints = list(oai.fine_tuning.jobs.checkpoints.list(job.id, limit=2))

@@ -39,8 +39,11 @@ def test_grait_job_runs_end_to_end_and_its_adapter_loads_with_peft(
     from app.queue import publish_job
 
     worker_control.stop()
-    job = client.post("/v1/jobs", json=tiny_job(tiny_model, datasets, suffix="e2e")).json()
-    assert job["status"] == "queued"
+    spec = tiny_job(tiny_model, datasets, suffix="e2e")
+    # A bar no one-epoch tiny model clears: the job succeeds and says it did not learn.
+    spec["hyperparameters"]["training"]["fit_check"] = {"min_refusal_learned": 1.0}
+    job = client.post("/v1/jobs", json=spec).json()
+    assert job["status"] == "queued" and job["warnings"] == []
     publish_job(job["id"], settings_for(service_env))  # a duplicate message must not run it twice
     started = time.monotonic()
     worker_control.ensure_running()
@@ -71,6 +74,14 @@ def test_grait_job_runs_end_to_end_and_its_adapter_loads_with_peft(
         "running",
         "succeeded",
     ]
+    assert [w["code"] for w in done["warnings"]] == ["refusal_not_learned"]
+    assert (
+        done["warnings"][0]["stage"] == "training"
+        and "threshold 100%" in done["warnings"][0]["message"]
+    )
+    warned = [e for e in events if e["type"] == "warning"]
+    assert [(e["level"], e["data"]["code"]) for e in warned] == [("warning", "refusal_not_learned")]
+    assert events[-1]["message"] == "Job succeeded with warnings: refusal_not_learned."
 
     artifacts = {a["kind"]: a for a in client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]}
     assert {"adapter", "report_json", "report_md", "report_plot", "train_set"} <= set(artifacts)
