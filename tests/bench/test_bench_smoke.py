@@ -164,3 +164,19 @@ def test_tradeoff_smoke_writes_curves_areas_and_plots(tmp_path: Path) -> None:
     assert [c["seconds"] for c in again["results"][0]["cells"]] == [
         c["seconds"] for c in summary["results"][0]["cells"]
     ]
+
+
+def test_fit_smoke_reads_the_fit_check_at_every_checkpoint(tmp_path: Path) -> None:
+    from bench.fit import main
+
+    assert main(["--smoke", "--results-dir", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "smoke-fit" / "summary.json").read_text())
+    (run,) = summary["runs"]
+    assert [p["step"] for p in run["points"]] == [2, 4]
+    assert run["n_refusal"] + run["n_answer"] == 12
+    for point in run["points"]:
+        for key in ("refusal_learned", "answers_kept"):
+            value = point[key]
+            assert value is None or 0.0 <= value <= 1.0
+    md = (tmp_path / "smoke-fit" / "results.md").read_text()
+    assert md.count("\n| 12 |") == 2
