@@ -15,6 +15,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.request_ids import HEADER, request_id_of
+
 log = logging.getLogger(__name__)
 
 
@@ -56,9 +58,12 @@ def is_database_outage(exc: BaseException) -> bool:
 
 
 def database_outage_message(exc: BaseException) -> str:
-    detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    reason = detail[0][:200] if detail else type(exc).__name__
-    return f"The database is unavailable ({reason}); retry shortly."
+    """What a caller may know of an outage: that it is one (the driver's text names hosts)."""
+    return "The database is unavailable; retry shortly."
+
+
+def internal_error_message(request_id: str) -> str:
+    return f"Internal server error. Quote request id {request_id} when reporting it."
 
 
 class APIError(Exception):
@@ -161,17 +166,19 @@ def install_error_handlers(app: FastAPI) -> None:
             headers=getattr(exc, "headers", None),
         )
 
-    async def _database_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+        rid = request_id_of(request.scope)
         if is_database_outage(exc):
+            log.warning("database unavailable [%s]: %s", rid, exc)
             return JSONResponse(
                 status_code=503,
-                content=error_body("database_unavailable", database_outage_message(exc)),
-                headers={"Retry-After": str(DATABASE_DOWN_RETRY_AFTER)},
+                content=error_body(
+                    "database_unavailable", database_outage_message(exc), request_id=rid
+                ),
+                headers={"Retry-After": str(DATABASE_DOWN_RETRY_AFTER), HEADER: rid},
             )
-        log.error("database error", exc_info=exc)
-        return JSONResponse(
-            status_code=500, content=error_body("internal_error", f"{type(exc).__name__}: {exc}")
-        )
+        log.error("database error [%s] on %s", rid, request.url.path, exc_info=exc)
+        return _internal_error(rid)
 
     # Registered by class so they are answered inside the app, like APIError, not by the
     # outermost server-error layer (which also re-raises and may drop the connection).
@@ -182,10 +189,17 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(PoolTimeout, _database_error)
 
     @app.exception_handler(Exception)
-    async def _unhandled(_request: Request, exc: Exception) -> JSONResponse:
+    async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
         if is_database_outage(exc):
-            return await _database_error(_request, exc)
-        log.exception("unhandled error")
-        return JSONResponse(
-            status_code=500, content=error_body("internal_error", f"{type(exc).__name__}: {exc}")
-        )
+            return await _database_error(request, exc)
+        rid = request_id_of(request.scope)
+        log.error("unhandled error [%s] on %s", rid, request.url.path, exc_info=exc)
+        return _internal_error(rid)
+
+
+def _internal_error(rid: str) -> JSONResponse:
+    return JSONResponse(
+        status_code=500,
+        content=error_body("internal_error", internal_error_message(rid), request_id=rid),
+        headers={HEADER: rid},
+    )

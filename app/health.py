@@ -79,11 +79,25 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+def metrics_token_ok(request: Request, settings: Settings) -> bool:
+    """The caller sent `Authorization: Bearer <GRAIT_METRICS_TOKEN>` (and one is set)."""
+    token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
+    if not token:
+        return False
+    presented = request.headers.get("authorization", "")
+    return hmac.compare_digest(presented.encode(), f"Bearer {token}".encode())
+
+
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """Database and broker reachable (and the embedded worker alive); 503 naming what is not."""
+    """Database and broker reachable (and the embedded worker alive); 503 naming what is not.
+
+    Anyone may ask; why a check failed (driver text, hosts, ports) is only told to a caller
+    with the metrics token, and always logged.
+    """
     settings = get_settings()
     checks: dict[str, str] = {}
+    details: dict[str, str] = {}
     for name, check in (("database", check_database), ("broker", check_broker)):
         try:
             if name == "database":
@@ -93,19 +107,22 @@ async def readyz(request: Request) -> JSONResponse:
                 await run_in_threadpool(check, settings)
             checks[name] = "ok"
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
-            checks[name] = f"{type(exc).__name__}: {exc}"[:300]
+            checks[name] = "unreachable"
+            details[name] = f"{type(exc).__name__}: {exc}"[:300]
+            log.warning("readyz: %s unreachable: %s", name, details[name])
     embedded = getattr(request.app.state, "embedded_worker", None)
     if embedded is not None:
         alive = embedded.proc is not None and embedded.proc.poll() is None
-        checks["worker"] = "ok" if alive else "embedded worker not running (restarting)"
+        checks["worker"] = "ok" if alive else "down"
+        if not alive:
+            details["worker"] = "embedded worker not running (restarting)"
+    extra = {"details": details} if details and metrics_token_ok(request, settings) else {}
     failing = [name for name, state in checks.items() if state != "ok"]
     if failing:
-        reason = "; ".join(
-            f"{name} {'down' if name == 'worker' else 'unreachable'} ({checks[name]})"
-            for name in failing
-        )
+        reason = "not ready: " + ", ".join(f"{name} {checks[name]}" for name in failing)
         return JSONResponse(
-            status_code=503, content={**error_body("not_ready", reason), "checks": checks}
+            status_code=503,
+            content={**error_body("not_ready", reason), "checks": checks, **extra},
         )
     return JSONResponse({"status": "ready", "checks": checks})
 
@@ -166,18 +183,23 @@ def install_metrics(app: FastAPI, settings: Settings) -> None:
         responses={401: {"model": ErrorResponse, "description": "GRAIT_METRICS_TOKEN is set."}},
     )
     async def metrics(request: Request) -> Response:
-        """Prometheus text; behind `Authorization: Bearer <GRAIT_METRICS_TOKEN>` when that is set."""
-        token = settings.metrics_token.get_secret_value() if settings.metrics_token else None
-        if token:
-            presented = request.headers.get("authorization", "")
-            if not hmac.compare_digest(presented.encode(), f"Bearer {token}".encode()):
-                return JSONResponse(
-                    status_code=401,
-                    content=error_body(
-                        "invalid_metrics_token", "Send the metrics token as Bearer."
-                    ),
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
+        """Prometheus text (every tenant's job counts): behind `Authorization: Bearer
+        <GRAIT_METRICS_TOKEN>`; open without one only in embedded (one-machine) mode."""
+        if settings.metrics_token and not metrics_token_ok(request, settings):
+            return JSONResponse(
+                status_code=401,
+                content=error_body("invalid_metrics_token", "Send the metrics token as Bearer."),
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if not settings.metrics_token and not settings.embedded_broker:
+            return JSONResponse(
+                status_code=401,
+                content=error_body(
+                    "metrics_token_required",
+                    "Set GRAIT_METRICS_TOKEN to expose /metrics outside embedded mode.",
+                ),
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         async with request_gate():  # the state collector reads the database
             body = await run_in_threadpool(generate_latest, registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)

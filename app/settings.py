@@ -65,7 +65,9 @@ class Settings(BaseSettings):
         None, description="What the client commands send as `Authorization: Bearer`."
     )
     metrics_token: SecretStr | None = Field(
-        None, description="If set, GET /metrics needs `Authorization: Bearer <token>`."
+        None,
+        description="GET /metrics needs `Authorization: Bearer <token>`; without one it is "
+        "open only in embedded mode. Also unlocks /readyz's failure details.",
     )
     webhook_allow_private: bool = Field(
         False,

@@ -8,6 +8,7 @@ runs in the same `runs_dir/<job id>`, where the pipeline skips stages already co
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -100,8 +101,22 @@ def load_config(job_id: str, *, settings: Settings, storage: Storage) -> JobConf
         )
 
 
+# An absolute path (two or more segments) in an error message: the server's layout.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s'\"():,/]+/)+([^\s'\"():,/]*)")
+
+
+def scrub_paths(message: str) -> str:
+    """Keep a path's last part (`train.jsonl`) and drop where it lives on the server."""
+    return _ABSOLUTE_PATH.sub(lambda m: m.group(1) or "<dir>", message)
+
+
 def classify_failure(exc: BaseException) -> tuple[str, str]:
-    """(error code, message) a client can act on."""
+    """(error code, message) a client can act on; no server paths in the message."""
+    code, message = _classify(exc)
+    return code, scrub_paths(message)
+
+
+def _classify(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, DataError):
         return "invalid_dataset", str(exc)
     name = type(exc).__name__

@@ -14,8 +14,12 @@ router = APIRouter(
 )
 
 
+# Where a worker keeps weights on disk is the server's business, not a tenant's.
+PRIVATE_FIELDS = frozenset({"path"})
+
+
 def _model_object(info: dict[str, Any]) -> dict[str, Any]:
-    return {"object": "model", **info}
+    return {"object": "model", **{k: v for k, v in info.items() if k not in PRIVATE_FIELDS}}
 
 
 @router.get("")

@@ -25,9 +25,11 @@ from app.errors import (
     APIError,
     database_outage_message,
     describe_validation_errors,
+    internal_error_message,
     is_database_outage,
     loc_to_param,
 )
+from app.request_ids import HEADER, request_id_of
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +144,18 @@ class OpenAIRoute(APIRoute):
                 detail = exc.detail if isinstance(exc.detail, str) else "request failed"
                 return openai_error(exc.status_code, detail)
             except Exception as exc:
+                rid = request_id_of(request.scope)
                 if is_database_outage(exc):
+                    log.warning("database unavailable [%s]: %s", rid, exc)
                     return openai_error(
                         503,
                         database_outage_message(exc),
                         code="database_unavailable",
-                        headers={"Retry-After": str(DATABASE_DOWN_RETRY_AFTER)},
+                        headers={"Retry-After": str(DATABASE_DOWN_RETRY_AFTER), HEADER: rid},
                     )
-                log.exception("unhandled error on %s", request.url.path)
-                return openai_error(500, f"{type(exc).__name__}: {exc}", code="internal_error")
+                log.error("unhandled error [%s] on %s", rid, request.url.path, exc_info=exc)
+                return openai_error(
+                    500, internal_error_message(rid), code="internal_error", headers={HEADER: rid}
+                )
 
         return openai_handler

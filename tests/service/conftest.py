@@ -132,6 +132,7 @@ def service_env(
         # Limits get their own API process (test_limits.py); here they stay out of the way.
         "GRAIT_RATE_LIMIT_PER_SECOND": "1000",
         "GRAIT_RATE_LIMIT_BURST": "10000",
+        "GRAIT_METRICS_TOKEN": f"metrics-{token}",
         "PYTHONUNBUFFERED": "1",
     }
     subprocess.run(

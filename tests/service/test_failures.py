@@ -30,6 +30,17 @@ def test_failures_map_to_actionable_error_codes(exc: BaseException, code: str) -
     assert classify_failure(exc)[0] == code
 
 
+def test_failure_messages_name_files_not_where_the_server_keeps_them() -> None:
+    exc = FileNotFoundError(2, "No such file or directory", "/var/grait/storage/ds-1/train.jsonl")
+    code, message = classify_failure(exc)
+    assert code == "internal_error" and "/var/grait" not in message and "train.jsonl" in message
+    data = DataError("/srv/runs/job-1/data/train.csv", "unreadable CSV", line=3)
+    assert "/srv" not in classify_failure(data)[1] and "train.csv" in classify_failure(data)[1]
+    assert classify_failure(RuntimeError("ratio 1/2 at https://x.org/a/b"))[1].endswith(
+        "ratio 1/2 at https://x.org/a/b"
+    )
+
+
 @pytest.mark.timeout(120)
 def test_job_whose_dataset_file_vanished_fails_with_invalid_dataset(
     client: httpx.Client,
@@ -48,5 +59,7 @@ def test_job_whose_dataset_file_vanished_fails_with_invalid_dataset(
 
     assert done["status"] == "failed"
     assert done["error"]["code"] == "invalid_dataset" and "no such file" in done["error"]["message"]
+    assert service_env["GRAIT_STORAGE_DIR"] not in done["error"]["message"]
+    assert "/" not in done["error"]["message"].split("no such file")[0], done["error"]
     last = all_events(client, job["id"])[-1]
     assert (last["level"], last["data"]["error_code"]) == ("error", "invalid_dataset")

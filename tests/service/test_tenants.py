@@ -92,9 +92,15 @@ def test_openai_routes_answer_401_in_openai_shape_and_the_client_raises(api_url:
         oai.files.list()
 
 
-def test_health_and_metrics_stay_open(api_url: str) -> None:
-    for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+def test_health_stays_open_and_metrics_need_their_token(
+    api_url: str, service_env: dict[str, str]
+) -> None:
+    for path in ("/healthz", "/readyz", "/openapi.json"):
         assert httpx.get(api_url + path).status_code == 200, path
+    refused = httpx.get(api_url + "/metrics")
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_metrics_token"
+    token = bearer(service_env["GRAIT_METRICS_TOKEN"])
+    assert httpx.get(api_url + "/metrics", headers=token).status_code == 200
 
 
 @pytest.fixture(scope="module")
