@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     )
     max_dataset_rows: int = Field(200_000, ge=1)
     max_queued_jobs_per_tenant: int = Field(100, ge=1)
+    max_job_seconds: int = Field(
+        24 * 3600,
+        ge=1,
+        description="Wall-clock limit of one job attempt; a job may ask for less "
+        "(`time_limit_seconds`). Over it the job fails with time_limit_exceeded.",
+    )
     rate_limit_per_second: float = Field(
         20.0, ge=0, description="Token refill per API key; 0 disables rate limiting."
     )

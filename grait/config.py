@@ -121,10 +121,10 @@ class KnowledgeConfig(_Strict):
     )
     tau: float = Field(0.5, ge=0.0, le=1.0, description="c(x) >= tau means known (ik).")
     k_samples: int = Field(
-        10, ge=1, description="OEQA: sampled answers per question (plus one greedy)."
+        10, ge=1, le=64, description="OEQA: sampled answers per question (plus one greedy)."
     )
     temperature: float = Field(1.0, gt=0.0, description="OEQA sampling temperature.")
-    max_new_tokens: int = Field(24, ge=1, description="OEQA: tokens per sampled answer.")
+    max_new_tokens: int = Field(24, ge=1, le=1024, description="OEQA: tokens per sampled answer.")
     n_ik: int | None = Field(
         None, ge=0, description="Known samples kept (most certain first); None = all."
     )
@@ -140,7 +140,7 @@ class KnowledgeConfig(_Strict):
     auto: AutoBudgetConfig = Field(
         default_factory=AutoBudgetConfig, description="Used when n_idk is `auto`."
     )
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, le=4096)
 
     @field_validator("n_idk", mode="before")
     @classmethod
@@ -157,8 +157,8 @@ class KnowledgeConfig(_Strict):
 class LoraConfigSpec(_Strict):
     """LoRA adapter shape. The release uses r=64 on an 8B model; r=8 suits 135M-1B on CPU."""
 
-    r: int = Field(8, ge=1)
-    alpha: int = Field(16, ge=1)
+    r: int = Field(8, ge=1, le=1024)
+    alpha: int = Field(16, ge=1, le=4096)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
 
@@ -173,17 +173,17 @@ class WarmupConfig(_Strict):
     )
     fraction: float = Field(0.05, gt=0.0, le=1.0, description="Share of the data trained on.")
     min_samples: int = Field(
-        8, ge=1, description="Floor on the warm-up set size for small datasets."
+        8, ge=1, le=100_000, description="Floor on the warm-up set size for small datasets."
     )
-    epochs: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1, le=100)
     learning_rate: float = Field(2e-4, gt=0.0)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, le=4096)
 
 
 class FeaturesConfig(_Strict):
     """Stage 2b: per-sample LoRA gradient features (LESS)."""
 
-    dim: int = Field(8192, ge=8, description="Projection dimension d.")
+    dim: int = Field(8192, ge=8, le=65536, description="Projection dimension d.")
     preconditioner: Literal["adam", "rms", "none"] = "adam"
     projection: Literal["sparse", "dense"] = Field(
         "sparse",
@@ -192,7 +192,7 @@ class FeaturesConfig(_Strict):
     sparse_blocks: int = Field(
         4, ge=1, description="s: each coordinate lands once in each of s blocks of d/s."
     )
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, le=4096)
     adam_eps: float = Field(1e-8, gt=0.0)
 
 
@@ -224,7 +224,7 @@ class SelectionConfig(_Strict):
         None, ge=1, description="stratified-random: clusters; None = about sqrt(n/2)."
     )
     block_rows: int = Field(
-        4096, ge=1, description="Rows per block when streaming stored features."
+        4096, ge=1, le=1_000_000, description="Rows per block when streaming stored features."
     )
 
 
@@ -304,15 +304,21 @@ class TrainingConfig(_Strict):
     auto: AutoEpochsConfig = Field(default_factory=AutoEpochsConfig)
     fit_check: FitCheckConfig = Field(default_factory=FitCheckConfig)
     max_steps: int | None = Field(
-        None, ge=1, description="Fixed optimizer steps whatever the set size (overrides epochs)."
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Fixed optimizer steps whatever the set size (overrides epochs).",
     )
     learning_rate: float = Field(2e-4, gt=0.0)
-    batch_size: int = Field(16, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1, le=4096)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
     max_length: int = Field(
-        512, ge=16, description="Prompt + answer tokens; longer prompts are cut from the left."
+        512,
+        ge=16,
+        le=32_768,
+        description="Prompt + answer tokens; longer prompts are cut from the left.",
     )
     grad_clip: float = Field(1.0, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -333,8 +339,8 @@ class TrainingConfig(_Strict):
 class EvalConfig(_Strict):
     """Greedy generation with the RAIT prompt, scored as correct / wrong / refused."""
 
-    max_new_tokens: int = Field(24, ge=1)
-    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(24, ge=1, le=1024)
+    batch_size: int = Field(16, ge=1, le=4096)
     eval_base_refuse_prompt: bool = Field(
         True, description="Also report the base model told it may refuse (Init-Refuse)."
     )

@@ -199,15 +199,21 @@ class ProgressReporter:
 
 
 class CancelFlag:
-    """The pipeline's `should_cancel`: the job's cancel flag, read at most once a second."""
+    """The pipeline's `should_cancel`: the job's cancel flag (read at most once a second), or
+    the attempt's wall-clock deadline passing (`timed_out` tells the two apart)."""
 
-    def __init__(self, fence: Fenced):
+    def __init__(self, fence: Fenced, *, deadline: float | None = None):
         self.fence = fence
+        self.deadline = deadline  # time.monotonic() value
         self.last_read = 0.0
         self.cancelled = False
+        self.timed_out = False
 
     def __call__(self) -> bool:
-        if self.cancelled or self.fence.lost.is_set():
+        if self.cancelled or self.timed_out or self.fence.lost.is_set():
+            return True
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.timed_out = True
             return True
         now = time.monotonic()
         if now - self.last_read < self.fence.settings.cancel_check_seconds:

@@ -11,6 +11,7 @@ import logging
 import re
 import shutil
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,13 @@ def claim(job_id: str, *, worker_name: str, settings: Settings) -> int | None:
             )
         )
         return attempt
+
+
+def time_limit(job_id: str, settings: Settings) -> int:
+    """Seconds this attempt may run: the job's own limit within the server's."""
+    with short_session(settings) as session:
+        own = session.scalar(select(Job.time_limit_seconds).where(Job.id == job_id))
+    return min(own or settings.max_job_seconds, settings.max_job_seconds)
 
 
 def load_config(job_id: str, *, settings: Settings, storage: Storage) -> JobConfig:
@@ -230,6 +238,8 @@ def run_job(job_id: str, *, worker_name: str, settings: Settings) -> str:
     fence = Fenced(job_id, attempt, settings)
     storage = get_storage(settings)
     run_dir = settings.runs_dir / job_id
+    limit = time_limit(job_id, settings)
+    flag = CancelFlag(fence, deadline=time.monotonic() + limit)
     try:
         from grait.pipeline import RunDirConflict, run_pipeline, stages_for
 
@@ -238,15 +248,11 @@ def run_job(job_id: str, *, worker_name: str, settings: Settings) -> str:
         reporter = ProgressReporter(fence, stages)
         with Heartbeat(fence):
             try:
-                result = run_pipeline(
-                    config, run_dir, progress=reporter, should_cancel=CancelFlag(fence)
-                )
+                result = run_pipeline(config, run_dir, progress=reporter, should_cancel=flag)
             except RunDirConflict:
                 # The directory holds another spec's stages (e.g. storage moved): start clean.
                 shutil.rmtree(run_dir, ignore_errors=True)
-                result = run_pipeline(
-                    config, run_dir, progress=reporter, should_cancel=CancelFlag(fence)
-                )
+                result = run_pipeline(config, run_dir, progress=reporter, should_cancel=flag)
         with short_session(settings) as session:
             suffix = session.scalar(select(Job.suffix).where(Job.id == job_id))
         artifacts = store_artifacts(job_id, suffix, result, storage=storage)
@@ -262,6 +268,13 @@ def run_job(job_id: str, *, worker_name: str, settings: Settings) -> str:
         if fence.lost.is_set():
             log.warning("job %s attempt %s lost its claim; stopping quietly", job_id, attempt)
             return "lost"
+        if flag.timed_out:
+            message = (
+                f"The job ran past its time limit of {limit} s "
+                "(time_limit_seconds, at most GRAIT_MAX_JOB_SECONDS) and was stopped."
+            )
+            finish(fence, status="failed", error=("time_limit_exceeded", message))
+            return "failed"
         finish(
             fence,
             status="cancelled",

@@ -92,6 +92,12 @@ class JobCreate(BaseModel):
         description="POSTed (signed, Standard Webhooks style) when the job succeeds, fails or "
         "is cancelled. Must resolve to a public address unless the operator allows others.",
     )
+    time_limit_seconds: int | None = Field(
+        None,
+        ge=1,
+        description="Wall-clock limit of one attempt, at most the server's "
+        "GRAIT_MAX_JOB_SECONDS (the default). Over it the job fails with time_limit_exceeded.",
+    )
 
 
 class JobError(BaseModel):
@@ -119,6 +125,7 @@ class JobObject(BaseModel):
     suffix: str | None
     metadata: dict[str, str] | None
     webhook_url: str | None = None
+    time_limit_seconds: int | None = Field(description="Null: the server's limit.")
     stage: str | None = Field(description="Current pipeline stage while running.")
     percent: float = Field(description="0-100, over all stages.")
     eta_seconds: float | None
@@ -149,6 +156,7 @@ class JobObject(BaseModel):
             suffix=job.suffix,
             metadata=job.user_metadata,
             webhook_url=job.webhook_url,
+            time_limit_seconds=job.time_limit_seconds,
             stage=job.stage,
             percent=round(job.percent or 0.0, 2),
             eta_seconds=None if job.eta_seconds is None else round(job.eta_seconds, 1),

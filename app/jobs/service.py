@@ -118,6 +118,14 @@ def create_job(
         if ref.id not in found:
             raise APIError(422, "dataset_not_found", f"No dataset with id {ref.id!r}.", param=param)
     _check_base_model(request.base_model)
+    limit = request.time_limit_seconds
+    if limit is not None and limit > settings.max_job_seconds:
+        raise APIError(
+            422,
+            "invalid_request",
+            f"time_limit_seconds: at most {settings.max_job_seconds} on this server",
+            param="time_limit_seconds",
+        )
     if request.webhook_url:
         check_webhook_url(request.webhook_url, settings=settings)
 
@@ -148,6 +156,7 @@ def create_job(
         id=new_id("job"),
         tenant_id=tenant_id,
         webhook_url=request.webhook_url,
+        time_limit_seconds=request.time_limit_seconds,
         status="validating",
         method=request.method,
         base_model=request.base_model,

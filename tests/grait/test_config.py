@@ -17,7 +17,8 @@ def test_defaults_follow_grait_md():
     assert cfg.warmup.fraction == 0.05 and cfg.features.dim == 8192
     assert (
         cfg.training.learning_rate == 2e-4
-        and cfg.training.epochs == 3
+        and cfg.training.epochs == "auto"
+        and cfg.training.auto.epochs == 3  # the release's 3 epochs once a set is large enough
         and cfg.training.warmup_ratio == 0.03
     )
     assert cfg.refusal == "I don't know."
@@ -48,3 +49,24 @@ def test_yaml_paths_resolve_against_the_spec_folder(tmp_path):
     cfg = JobConfig.from_yaml(spec)
     assert cfg.train.path == str(tmp_path / "sub" / "data" / "train.jsonl")
     assert cfg.evals[0].path == "/abs/eval.jsonl"
+
+
+@pytest.mark.parametrize(
+    ("group", "knob", "too_big"),
+    [
+        ("training", "max_length", 1_000_000),
+        ("training", "max_steps", 10**9),
+        ("training", "batch_size", 100_000),
+        ("evaluation", "max_new_tokens", 100_000),
+        ("knowledge", "max_new_tokens", 100_000),
+        ("knowledge", "k_samples", 1000),
+        ("features", "dim", 10**7),
+        ("lora", "r", 100_000),
+        ("warmup", "epochs", 10_000),
+    ],
+)
+def test_resource_knobs_have_upper_bounds(group, knob, too_big):
+    """No spec can hold a worker for ever through one huge knob."""
+    with pytest.raises(ValidationError) as info:
+        JobConfig.model_validate({"train": {"path": "x.jsonl"}, group: {knob: too_big}})
+    assert [e["loc"] for e in info.value.errors()] == [(group, knob)]

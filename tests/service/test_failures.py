@@ -63,3 +63,34 @@ def test_job_whose_dataset_file_vanished_fails_with_invalid_dataset(
     assert "/" not in done["error"]["message"].split("no such file")[0], done["error"]
     last = all_events(client, job["id"])[-1]
     assert (last["level"], last["data"]["error_code"]) == ("error", "invalid_dataset")
+
+
+@pytest.mark.timeout(120)
+def test_a_job_over_its_time_limit_fails_with_its_own_code(
+    client: httpx.Client, datasets: dict[str, str], tiny_model: Path, worker: Worker
+) -> None:
+    job = client.post(
+        "/v1/jobs", json={**tiny_job(tiny_model, datasets), "time_limit_seconds": 1}
+    ).json()
+    assert job["time_limit_seconds"] == 1
+
+    done = wait_for_status(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=90)
+
+    assert done["status"] == "failed", done
+    assert done["error"]["code"] == "time_limit_exceeded" and "1 s" in done["error"]["message"]
+    last = all_events(client, job["id"])[-1]
+    assert (last["level"], last["data"]["error_code"]) == ("error", "time_limit_exceeded")
+
+
+def test_a_time_limit_over_the_servers_is_422_naming_the_field(
+    client: httpx.Client, datasets: dict[str, str], tiny_model: Path
+) -> None:
+    before = client.get("/v1/jobs", params={"limit": 100}).json()["data"]
+    for value, wanted in ((10**9, "at most 86400"), (0, "greater than or equal to 1")):
+        response = client.post(
+            "/v1/jobs", json={**tiny_job(tiny_model, datasets), "time_limit_seconds": value}
+        )
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["param"] == "time_limit_seconds" and wanted in error["message"], error
+    assert client.get("/v1/jobs", params={"limit": 100}).json()["data"] == before

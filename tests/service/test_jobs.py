@@ -36,6 +36,26 @@ def spec(datasets: dict[str, str], **overrides: Any) -> dict[str, Any]:
             "invalid_request",
         ),
         ({"hyperparameters": {"lora": {"r": "big"}}}, "hyperparameters.lora.r", "invalid_request"),
+        (
+            {"hyperparameters": {"training": {"max_length": 10**6}}},
+            "hyperparameters.training.max_length",
+            "invalid_request",
+        ),
+        (
+            {"hyperparameters": {"evaluation": {"max_new_tokens": 10**6}}},
+            "hyperparameters.evaluation.max_new_tokens",
+            "invalid_request",
+        ),
+        (
+            {"hyperparameters": {"features": {"dim": 10**8}}},
+            "hyperparameters.features.dim",
+            "invalid_request",
+        ),
+        (
+            {"hyperparameters": {"training": {"epochs": 5000}}},
+            "hyperparameters.training.epochs",
+            "invalid_request",
+        ),
         ({"method": "sft"}, "method", "invalid_request"),
         ({"train_dataset": "ds-missing"}, "train_dataset", "dataset_not_found"),
         ({"eval_datasets": ["ds-missing"]}, "eval_datasets[0]", "dataset_not_found"),

@@ -1,4 +1,5 @@
-"""Warnings on jobs: a job that succeeded but, e.g., barely learned to refuse says so.
+"""Warnings on jobs (a job that succeeded but barely learned to refuse says so), and a
+per-job wall-clock limit.
 
 Revision ID: 0003
 Revises: 0002
@@ -19,7 +20,9 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     op.add_column("jobs", sa.Column("warnings", sa.JSON(), nullable=True))
+    op.add_column("jobs", sa.Column("time_limit_seconds", sa.Integer(), nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column("jobs", "time_limit_seconds")
     op.drop_column("jobs", "warnings")
