@@ -317,11 +317,32 @@ def list_jobs(
 
 
 def cancel_job(*, session: Session, tenant_id: str, job_id: str) -> Job:
-    """Queued: cancelled now. Running: flag it; the worker stops at the next step boundary."""
-    job = get_job(session=session, tenant_id=tenant_id, job_id=job_id)
+    """Queued: cancelled now. Running: flag it; the worker stops at the next step boundary.
+
+    Both are conditional updates, so a worker claiming (or the sweeper re-queuing) the job at
+    this instant makes one of them match on the next pass instead of dropping the cancel.
+    """
+    get_job(session=session, tenant_id=tenant_id, job_id=job_id)  # 404 for unknown / other
+    for _ in range(5):
+        if _cancel_if_waiting(session, job_id) or _flag_if_running(session, job_id):
+            break
+        status = session.scalar(select(Job.status).where(Job.id == job_id))
+        if status in ("succeeded", "failed"):
+            session.rollback()
+            raise APIError(
+                409, "job_not_cancellable", f"Job {job_id} already {status}.", param="id"
+            )
+        if status in ("running", "cancelled"):
+            break  # already flagged, or already cancelled: nothing to add
+        # Re-queued between the two updates: try again.
+    session.commit()
+    session.expire_all()
+    return get_job(session=session, tenant_id=tenant_id, job_id=job_id)
+
+
+def _cancel_if_waiting(session: Session, job_id: str) -> bool:
     now = utcnow()
-    # Conditional update: a worker claiming the job at this instant wins or loses cleanly.
-    cancelled_now = session.execute(
+    cancelled = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status.in_(("validating", "queued")))
         .values(
@@ -334,38 +355,37 @@ def cancel_job(*, session: Session, tenant_id: str, job_id: str) -> Job:
             eta_seconds=None,
         )
     ).rowcount
-    if cancelled_now:
-        session.add(
-            _event(
-                job_id, "status", "Job cancelled before it started.", data={"status": "cancelled"}
-            )
+    if not cancelled:
+        return False
+    session.add(
+        _event(job_id, "status", "Job cancelled before it started.", data={"status": "cancelled"})
+    )
+    enqueue_terminal(
+        session,
+        job_id=job_id,
+        status="cancelled",
+        error=("cancelled", "Cancelled before it started."),
+    )
+    return True
+
+
+def _flag_if_running(session: Session, job_id: str) -> bool:
+    flagged = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running", Job.cancel_requested.is_(False))
+        .values(cancel_requested=True)
+    ).rowcount
+    if not flagged:
+        return False
+    session.add(
+        _event(
+            job_id,
+            "status",
+            "Cancel requested; the job stops at the next step boundary.",
+            data={"status": "running", "cancel_requested": True},
         )
-        enqueue_terminal(
-            session,
-            job_id=job_id,
-            status="cancelled",
-            error=("cancelled", "Cancelled before it started."),
-        )
-    else:
-        session.refresh(job)
-        if job.status == "running":
-            if not job.cancel_requested:
-                job.cancel_requested = True
-                session.add(
-                    _event(
-                        job_id,
-                        "status",
-                        "Cancel requested; the job stops at the next step boundary.",
-                        data={"status": "running", "cancel_requested": True},
-                    )
-                )
-        elif job.status in ("succeeded", "failed"):
-            raise APIError(
-                409, "job_not_cancellable", f"Job {job_id} already {job.status}.", param="id"
-            )
-    session.commit()
-    session.expire_all()
-    return get_job(session=session, tenant_id=tenant_id, job_id=job_id)
+    )
+    return True
 
 
 def list_events(
