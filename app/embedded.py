@@ -1,8 +1,10 @@
 """The embedded mode's worker: one Celery worker subprocess owned by the API process.
 
 It gets its own session (so a Ctrl-C to the terminal reaches the API, which then stops the
-worker's whole group) and asks the kernel to SIGTERM it if the API dies without cleaning up.
-A watchdog restarts it if it exits on its own; its start-up sweep resumes what it held.
+worker's whole group) and asks the kernel to SIGKILL it if the API dies without cleaning up:
+SIGTERM would be Celery's warm shutdown, which finishes the running job as an orphan while
+the next API's worker resumes the same job. A watchdog restarts the worker if it exits on its
+own; its start-up sweep resumes what it held.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ except OSError:  # not Linux/glibc: the lifespan shutdown still stops the worker
 
 def _die_with_parent() -> None:
     if _LIBC is not None:
-        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def worker_command(settings: Settings, *, name: str = EMBEDDED_WORKER_NAME) -> list[str]:

@@ -73,3 +73,48 @@ def test_embedded_mode_serves_a_job_with_sqlite_and_no_servers(
         timeout=30,
         what="the embedded worker to exit with the API",
     )
+
+
+def test_kill9_of_the_api_mid_job_leaves_no_orphan_and_the_job_resumes_once(
+    tmp_path: Path, data_dir: Path, tiny_model: Path, logs_dir: Path
+) -> None:
+    settings = {"GRAIT_BROKER_POLLING_INTERVAL": "0.1"}
+    api, base = start_embedded_api(tmp_path, logs_dir, name="embedded-kill9", **settings)
+    key = printed_api_key(api.log())
+    try:
+        with httpx.Client(base_url=base, timeout=30, headers=bearer(key)) as client:
+            datasets = {
+                key: upload(client, data_dir / name).json()["id"]
+                for key, name in (("mmlu", "mmlu_excerpt.csv"), ("arc", "arc_excerpt.jsonl"))
+            }
+            spec = tiny_job(tiny_model, datasets)
+            spec["hyperparameters"]["training"]["epochs"] = 25  # long enough to be cut off
+            job = client.post("/v1/jobs", json=spec).json()
+            wait_for(
+                lambda: any(
+                    e["type"] == "progress" and e["stage"] == "training"
+                    for e in all_events(client, job["id"])
+                ),
+                timeout=150,
+                what="the job to be training",
+            )
+    finally:
+        api.kill9()
+    # The old worker dies with its API at once (SIGKILL), not after finishing the job.
+    wait_for(lambda: not processes_in(tmp_path), timeout=5, what="the old tree to be gone")
+
+    api, base = start_embedded_api(tmp_path, logs_dir, name="embedded-kill9-again", **settings)
+    try:
+        with httpx.Client(base_url=base, timeout=30, headers=bearer(key)) as client:
+            done = wait_for_status(client, job["id"], TERMINAL, timeout=200)
+            events = all_events(client, job["id"])
+            artifacts = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+    finally:
+        api.kill9()
+    assert done["status"] == "succeeded" and done["attempts"] == 2, done
+    completed = [e["stage"] for e in events if e["type"] == "stage_completed"]
+    assert len(completed) == len(set(completed)), completed  # each stage completed once
+    statuses = [e["data"]["status"] for e in events if e["type"] == "status"]
+    assert statuses.count("succeeded") == 1 and statuses[-1] == "succeeded", statuses
+    kinds = [a["kind"] for a in artifacts]
+    assert len(kinds) == len(set(kinds)) and "adapter" in kinds
