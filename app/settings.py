@@ -106,6 +106,12 @@ class Settings(BaseSettings):
         120.0, gt=0, description="A running job silent this long is stale."
     )
     sweep_interval_seconds: float = Field(30.0, gt=0)
+    republish_after_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="A job queued this long without a claim has its message sent again (a "
+        "message can be lost between delivery and claim); duplicates are skipped by the claim.",
+    )
     max_attempts: int = Field(
         3, ge=1, description="Starts of one job before it fails with worker_lost."
     )

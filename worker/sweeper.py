@@ -119,17 +119,21 @@ def sweep(
     # above) and, when the broker lost its data (a Redis restart without persistence), every
     # queued job: their messages are gone. A duplicate message is harmless (claims are
     # conditional), a lost one would leave the job queued forever.
+    # And queued jobs sent long ago but never claimed: a message can vanish between its
+    # delivery and the claim's commit (the embedded transport removes it on delivery; a Redis
+    # consumer killed there waits out the visibility timeout). Sending again at most once per
+    # `republish_after_seconds` bounds the duplicates.
     lost_messages = broker_lost_messages(settings)
+    unclaimed_before = now - timedelta(seconds=settings.republish_after_seconds)
     with short_session(settings) as session:
         never_sent = Job.enqueued_at.is_(None) & or_(
             Job.created_at < now - UNPUBLISHED_GRACE, Job.id.in_(outcome["requeued"])
         )
+        sent = Job.enqueued_at.is_not(None)
+        unclaimed = sent if lost_messages else sent & (Job.enqueued_at < unclaimed_before)
         unpublished = list(
             session.scalars(
-                select(Job.id).where(
-                    Job.status == "queued",
-                    or_(never_sent, Job.enqueued_at.is_not(None)) if lost_messages else never_sent,
-                )
+                select(Job.id).where(Job.status == "queued", or_(never_sent, unclaimed))
             )
         )
         if lost_messages and unpublished:

@@ -240,3 +240,38 @@ def test_sweeper_fails_a_stale_job_with_worker_lost_after_max_attempts(
     assert failed["status"] == "failed" and failed["error"]["code"] == "worker_lost"
     assert sweep(settings)["failed"] == []  # each transition happens once
     client.post(f"/v1/jobs/{requeue}/cancel")
+
+
+@pytest.mark.timeout(180)
+def test_a_job_whose_message_was_lost_after_delivery_still_runs(
+    client: httpx.Client,
+    datasets: dict[str, str],
+    tiny_model: Path,
+    no_worker: Worker,
+    service_env: dict[str, str],
+) -> None:
+    """The message left the broker but no claim committed (a consumer killed in between)."""
+    from sqlalchemy import update
+
+    from app.db import short_session
+    from app.models import Job, utcnow
+
+    job = client.post(
+        "/v1/jobs", json=tiny_job(tiny_model, datasets, method="van", eval_datasets=[])
+    ).json()
+    broker = redis.Redis.from_url(service_env["GRAIT_BROKER_URL"])
+    queue = service_env["GRAIT_BROKER_KEY_PREFIX"] + service_env["GRAIT_QUEUE"]
+    assert broker.llen(queue) >= 1
+    broker.delete(queue)  # gone, as a delivered-but-unclaimed message is
+    settings = settings_for(service_env)
+    with short_session(settings) as session:  # sent longer ago than the republish bound
+        session.execute(
+            update(Job)
+            .where(Job.id == job["id"])
+            .values(enqueued_at=utcnow() - timedelta(seconds=settings.republish_after_seconds + 1))
+        )
+
+    no_worker.ensure_running()
+    done = wait_for_status(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=120)
+
+    assert done["status"] == "succeeded" and done["attempts"] == 1, done
