@@ -23,6 +23,6 @@ ensure_redis() {
 }
 ensure_postgres
 ensure_redis
-# The service tests fail (never skip) on a missing Postgres/Redis when CI=true.
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# The service tests fail (never skip) on a missing Postgres/Redis/redis-server here.
+export GRAIT_REQUIRE_SERVICES=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m pytest -q "$@"

@@ -28,6 +28,7 @@ from .conftest import (
     free_port,
     start_api,
     tiny_job,
+    unavailable,
     wait_for,
     wait_for_status,
 )
@@ -199,7 +200,7 @@ class PrivateRedis:
 @pytest.fixture()
 def private_redis(logs_dir: Path) -> Iterator[PrivateRedis]:
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+        unavailable("redis-server (to restart a private Redis)", FileNotFoundError("redis-server"))
     server = PrivateRedis(logs_dir)
     server.start()
     yield server
