@@ -23,7 +23,7 @@ import threading
 import time
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from sqlalchemy import select, update
@@ -145,17 +145,38 @@ def _claim(settings: Settings, delivery_id: str, attempts: int) -> tuple[str, di
         return row.url, row.payload, row.webhook_secret
 
 
+def pinned_request(url: str, address: str) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """The URL with its host replaced by the checked address, plus the Host header and TLS
+    server name that keep the request (and certificate check) about the original name.
+
+    Without this, httpx would resolve the name again to connect, and a name that answered
+    with a public address for the check could answer with loopback for the connection.
+    """
+    parts = urlsplit(url)
+    host = f"[{address}]" if ":" in address else address
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = (userinfo + "@" if userinfo else "") + host
+    if parts.port:
+        netloc += f":{parts.port}"
+    original_host = parts.netloc.rpartition("@")[2]
+    pinned = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
+    return pinned, {"host": original_host}, extensions
+
+
 def _send(
     settings: Settings, *, delivery_id: str, url: str, payload: dict, secret: str
 ) -> tuple[int | None, str | None]:
     try:
         # Checked again at send time: the name may resolve elsewhere than at submit.
-        resolve_public(url, allow_private=settings.webhook_allow_private)
+        addresses = resolve_public(url, allow_private=settings.webhook_allow_private)
     except UnsafeURL as exc:
         return None, f"refused: {exc}"
+    target, host_header, extensions = pinned_request(url, addresses[0])
     body = json.dumps(payload, separators=(",", ":")).encode()
     timestamp = int(time.time())
     headers = {
+        **host_header,
         "content-type": "application/json",
         "user-agent": "grait-service-webhooks",
         "webhook-id": delivery_id,
@@ -163,18 +184,21 @@ def _send(
         "webhook-signature": sign(secret, message_id=delivery_id, timestamp=timestamp, body=body),
     }
     try:
-        response = httpx.post(
-            url,
-            content=body,
-            headers=headers,
-            timeout=settings.webhook_timeout_seconds,
-            follow_redirects=False,
-        )
+        with httpx.Client(timeout=settings.webhook_timeout_seconds) as http:
+            response = http.post(
+                target,
+                content=body,
+                headers=headers,
+                follow_redirects=False,
+                extensions=extensions,
+            )
     except httpx.HTTPError as exc:
         return None, f"{type(exc).__name__}: {exc}"[:500]
     if 200 <= response.status_code < 300:
         return response.status_code, None
-    return response.status_code, f"HTTP {response.status_code}: {response.text[:200]}"
+    # The receiver's body is not kept: the tenant reads attempts back, and a body could hold
+    # whatever the receiver (or something it fronts) chose to say.
+    return response.status_code, f"HTTP {response.status_code}"
 
 
 def deliver_due(settings: Settings, *, limit: int = 20) -> int:

@@ -86,7 +86,7 @@ def test_cancelled_job_is_announced_signed_and_retried_until_accepted(
     assert delivery["event_type"] == "job.cancelled" and delivery["url"] == receiver.url
     tries = delivery["attempts"]
     assert [t["response_status"] for t in tries] == [500, 503, 200]
-    assert tries[0]["error"].startswith("HTTP 500") and tries[2]["error"] is None
+    assert tries[0]["error"] == "HTTP 500" and tries[2]["error"] is None  # not its body
     gaps = [b["started_at"] - a["started_at"] for a, b in itertools.pairwise(tries)]
     assert gaps[0] >= 0.25 and gaps[1] >= 1.0  # 0.3 s, then 4x that (backoff)
 
@@ -131,3 +131,45 @@ def test_signature_helper_matches_the_service(service_env: dict[str, str]) -> No
         "webhook-signature": signature,
     }
     assert signature.startswith("v1,") and verify(secret, headers, b'{"a":1}')
+
+
+def test_a_name_that_rebinds_to_loopback_after_the_check_is_not_reached(
+    receiver: Receiver, service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS rebinding: public for the check, loopback for a second lookup. The connection goes
+    to the checked address, so the loopback receiver never hears of it."""
+    import socket
+
+    from app.webhooks.service import _send
+
+    from .conftest import settings_for
+
+    real = socket.getaddrinfo
+    port = int(receiver.url.split(":")[2].split("/")[0])
+    lookups: list[str] = []
+
+    def rebinding(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != "rebind.example":
+            return real(host, *args, **kwargs)
+        lookups.append(host)
+        address = "192.88.99.77" if len(lookups) == 1 else "127.0.0.1"  # public, then loopback
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    settings = settings_for(
+        {
+            **service_env,
+            "GRAIT_WEBHOOK_ALLOW_PRIVATE": "false",
+            "GRAIT_WEBHOOK_TIMEOUT_SECONDS": "1",
+        }
+    )
+    status, error = _send(
+        settings,
+        delivery_id="msg-rebind",
+        url=f"http://rebind.example:{port}/hooks/grait",
+        payload={"type": "job.succeeded"},
+        secret="whsec_" + base64.b64encode(b"k" * 24).decode(),
+    )
+
+    assert receiver.received == [] and status is None and error, (status, error)
+    assert lookups == ["rebind.example"]  # looked up once: for the check
