@@ -86,8 +86,12 @@ def store_dataset(
     sha256: str,
     max_rows: int | None = None,
     idempotency: Idempotency | None = None,
+    inspected: tuple[str, int, int] | None = None,
 ) -> Dataset:
     """Validate the staged file, move it into storage and commit its row; on any failure remove it.
+
+    `inspected`: `inspect_file`'s answer when the caller already parsed the file (uploads do,
+    before taking a database slot, so parsing a large file holds no connection).
 
     The client's file name is only ever a label: the stored name is `safe_filename` of it,
     under a directory named by the new id, so `../x` or `C:\\x` cannot point anywhere else.
@@ -95,7 +99,7 @@ def store_dataset(
     display = safe_filename(filename)
     stored_key: str | None = None
     try:
-        fmt, mcqa, oeqa = inspect_file(
+        fmt, mcqa, oeqa = inspected or inspect_file(
             staged, format=format, display_name=display, max_rows=max_rows
         )
         dataset_id = new_id("ds")

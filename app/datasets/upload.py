@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy.orm import Session
 
@@ -222,6 +223,19 @@ async def accept_dataset_upload(
     suffix = suffix if len(suffix) > 1 else ""
 
     staged = upload.path.rename(upload.path.with_suffix(suffix)) if suffix else upload.path
+    fmt = upload.fields.get("format", "auto").strip() or "auto"
+    try:
+        # Parsed here, before the database gate: a large file holds no database slot.
+        inspected = await run_in_threadpool(
+            service.inspect_file,
+            staged,
+            format=fmt,
+            display_name=service.safe_filename(upload.filename or "dataset"),
+            max_rows=settings.max_dataset_rows,
+        )
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
 
     def accept(session: Session) -> tuple[Dataset, bool]:
         def store() -> Dataset:
@@ -232,11 +246,12 @@ async def accept_dataset_upload(
                 staged=staged,
                 filename=upload.filename or "dataset",
                 name=upload.fields.get("name"),
-                format=upload.fields.get("format", "auto").strip() or "auto",
+                format=fmt,
                 size=upload.size,
                 sha256=upload.sha256,
                 max_rows=settings.max_dataset_rows,
                 idempotency=idempotency,
+                inspected=inspected,
             )
 
         def load(dataset_id: str) -> Dataset:
