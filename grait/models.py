@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,14 +87,23 @@ def prepare_model(alias: str, *, force: bool = False) -> Path:
         str(pkg), gguf_file=spec.gguf_file, dtype=torch.float32
     )
     _clear_quantization_flags(model)
-    # Write beside the target and rename, so a crash never leaves a half-written model.
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    # Write into a folder of this process's own beside the target and rename, so a crash never
+    # leaves a half-written model and two first-time conversions (two workers starting at
+    # once) never write into one folder: the first rename wins, the other's copy is dropped.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if force:
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process renamed its finished copy into place first
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -5,6 +5,8 @@ Importing this module loads no torch; the task imports the pipeline on first use
 
 from __future__ import annotations
 
+import logging
+
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from app.models import utcnow
@@ -13,6 +15,7 @@ from app.settings import get_settings
 from worker import sweeper
 from worker.tasks import register_tasks
 
+log = logging.getLogger(__name__)
 PROCESS_STARTED = utcnow()  # before this process can claim anything
 settings = get_settings()
 celery_app = make_celery(settings)
@@ -27,6 +30,13 @@ def _prepare_folders(**_kwargs) -> None:
         # the job, instead of the kernel's OOM killer taking the worker (or the machine).
         import resource
 
+        import torch
+
+        if torch.cuda.is_available():
+            # CUDA maps far more virtual address space than it uses: an address-space cap
+            # breaks its initialisation. GPU memory errors are caught as out_of_memory anyway.
+            log.warning("GRAIT_WORKER_MEMORY_LIMIT_BYTES ignored: a GPU is visible")
+            return
         limit = settings.worker_memory_limit_bytes
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
