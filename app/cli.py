@@ -115,7 +115,7 @@ def _worker(args: argparse.Namespace) -> int:
     from app.embedded import worker_command
 
     settings = get_settings()
-    cmd = worker_command(settings, name=args.name)
+    cmd = worker_command(settings, name=args.name or f"worker-{os.getpid()}@%h")
     if args.pool != "solo":
         cmd[cmd.index("--pool") + 1] = args.pool
     os.execv(sys.executable, cmd)
@@ -139,7 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
     worker = sub.add_parser("worker", help="run a Celery worker on the job queue (GRAIT_QUEUE)")
     worker.add_argument(
-        "--name", default="worker@%h", help="Celery node name; keep it stable per machine"
+        "--name",
+        default=None,
+        help="Celery node name. Default worker-<pid>@%%h: unique per process, so two workers "
+        "never take each other for dead; give a stable name per GPU slot (gpu0@%%h) to have a "
+        "restarted worker resume its own interrupted job at once instead of after the stale "
+        "window. Never run two processes under one name.",
     )
     worker.add_argument("--pool", default="solo", choices=["solo", "prefork"])
     worker.set_defaults(func=_worker)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -120,6 +121,35 @@ def _write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
     tmp = run_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     tmp.replace(run_dir / MANIFEST)
+
+
+def copy_completed_stages(src: Path | str, dst: Path | str) -> list[str]:
+    """Start `dst` as a resumable copy of `src`'s completed stages; the stages copied.
+
+    A completed stage's files never change again, so they are hard-linked where the file
+    system allows (no copy of large feature memmaps) and copied otherwise. What `src` has of
+    an unfinished stage is left behind: a second process still writing there cannot touch
+    `dst`. The manifest goes last, so a crash mid-copy leaves no claim of a stage.
+    """
+    src, dst = Path(src), Path(dst)
+    manifest = _read_manifest(src)
+    if manifest is None:
+        return []
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    done = [stage for stage in STAGES if stage in manifest["stages"]]
+    for stage in done:
+        if (src / stage).is_dir():
+            shutil.copytree(src / stage, dst / stage, copy_function=_link_or_copy)
+    _write_manifest(dst, manifest)
+    return done
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def completed_stages(run_dir: Path) -> list[dict[str, Any]]:

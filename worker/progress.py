@@ -22,13 +22,39 @@ log = logging.getLogger(__name__)
 
 
 class Fenced:
-    """The claim of one attempt on a job: which job, which attempt."""
+    """The claim of one attempt on a job: which job, which attempt, and its lease.
+
+    Every fenced write that lands renews the lease. When none has landed for the stale
+    window less two heartbeats (the database unreachable, say), the lease expires: the
+    attempt stops by itself at its next step, around when the sweeper may judge it dead and
+    start another attempt, instead of computing on beside it. (Each attempt has its own run
+    folder and artifact keys and every write is fenced, so a step of overlap changes nothing
+    a user sees.)
+    """
 
     def __init__(self, job_id: str, attempt: int, settings: Settings):
         self.job_id = job_id
         self.attempt = attempt
         self.settings = settings
         self.lost = threading.Event()
+        self.lease_seconds = max(
+            settings.stale_after_seconds - 2 * settings.heartbeat_seconds,
+            settings.stale_after_seconds / 2,
+        )
+        self.renewed = time.monotonic()
+
+    def expired(self) -> bool:
+        """True once the lease ran out (and from then on: `lost` is set)."""
+        if not self.lost.is_set() and time.monotonic() - self.renewed > self.lease_seconds:
+            log.error(
+                "job %s attempt %s: no write landed for %.0f s; giving the job up (the "
+                "sweeper may re-queue it elsewhere)",
+                self.job_id,
+                self.attempt,
+                self.lease_seconds,
+            )
+            self.lost.set()
+        return self.lost.is_set()
 
     def update_job(self, session: Any, **values: Any) -> bool:
         result = session.execute(
@@ -39,6 +65,7 @@ class Fenced:
         if result.rowcount == 0:
             self.lost.set()
             return False
+        self.renewed = time.monotonic()
         return True
 
     def write(
@@ -210,7 +237,7 @@ class CancelFlag:
         self.timed_out = False
 
     def __call__(self) -> bool:
-        if self.cancelled or self.timed_out or self.fence.lost.is_set():
+        if self.cancelled or self.timed_out or self.fence.expired():
             return True
         if self.deadline is not None and time.monotonic() > self.deadline:
             self.timed_out = True
@@ -261,3 +288,5 @@ class Heartbeat:
                     return
             except Exception:
                 log.exception("heartbeat of job %s failed", self.fence.job_id)
+            if self.fence.expired():
+                return

@@ -198,8 +198,13 @@ def finish(
     return True
 
 
+def attempt_prefix(job_id: str, attempt: int) -> str:
+    """Where one attempt's artifacts go: a lost attempt's files never overwrite the current."""
+    return f"jobs/{job_id}/attempt-{attempt}"
+
+
 def store_artifacts(
-    job_id: str, suffix: str | None, result: Any, *, storage: Storage
+    job_id: str, suffix: str | None, result: Any, *, storage: Storage, attempt: int
 ) -> list[Artifact]:
     rows = []
     stem = f"{job_id}-{suffix}" if suffix else job_id
@@ -214,7 +219,7 @@ def store_artifacts(
             path, filename = archive, f"{stem}-{kind}.tar.gz"
         else:
             filename = f"{stem}-{path.name}"
-        key = f"jobs/{job_id}/{filename}"
+        key = f"{attempt_prefix(job_id, attempt)}/{filename}"
         size = storage.put_file(key, path)
         rows.append(
             Artifact(
@@ -230,6 +235,33 @@ def store_artifacts(
     return rows
 
 
+def attempt_run_dir(runs_dir: Path, job_id: str, attempt: int) -> Path:
+    """This attempt's own run folder, seeded with the completed stages of the latest earlier
+    attempt (hard links), so it resumes there without sharing a folder with an attempt that
+    may still be running somewhere."""
+    from grait.pipeline import copy_completed_stages
+
+    root = runs_dir / job_id
+    run_dir = root / f"attempt-{attempt}"
+    # The job's folder itself: run folders from before attempts had their own.
+    earlier = [root / f"attempt-{k}" for k in range(attempt - 1, 0, -1)] + [root]
+    for source in earlier:
+        if copy_completed_stages(source, run_dir):
+            break
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _drop_other_attempts(
+    job_id: str, attempt: int, *, settings: Settings, storage: Storage
+) -> None:
+    """After this attempt's fenced finish: earlier attempts' folders and files are garbage."""
+    for k in range(1, attempt):
+        storage.delete_prefix(attempt_prefix(job_id, k))
+        shutil.rmtree(settings.runs_dir / job_id / f"attempt-{k}", ignore_errors=True)
+
+
 def run_job(job_id: str, *, worker_name: str, settings: Settings) -> str:
     attempt = claim(job_id, worker_name=worker_name, settings=settings)
     if attempt is None:
@@ -237,32 +269,42 @@ def run_job(job_id: str, *, worker_name: str, settings: Settings) -> str:
         return "skipped"
     fence = Fenced(job_id, attempt, settings)
     storage = get_storage(settings)
-    run_dir = settings.runs_dir / job_id
     limit = time_limit(job_id, settings)
     flag = CancelFlag(fence, deadline=time.monotonic() + limit)
     try:
         from grait.pipeline import RunDirConflict, run_pipeline, stages_for
 
-        config = load_config(job_id, settings=settings, storage=storage)
-        stages = tuple(s for s in stages_for(config.method) if s != "evaluation" or config.evals)
-        reporter = ProgressReporter(fence, stages)
+        # The heartbeat (and with it the lease) covers storing the artifacts and the finish.
         with Heartbeat(fence):
+            run_dir = attempt_run_dir(settings.runs_dir, job_id, attempt)
+            config = load_config(job_id, settings=settings, storage=storage)
+            stages = tuple(
+                s for s in stages_for(config.method) if s != "evaluation" or config.evals
+            )
+            reporter = ProgressReporter(fence, stages)
             try:
                 result = run_pipeline(config, run_dir, progress=reporter, should_cancel=flag)
             except RunDirConflict:
-                # The directory holds another spec's stages (e.g. storage moved): start clean.
+                # The folder holds another spec's stages (e.g. storage moved): start clean.
                 shutil.rmtree(run_dir, ignore_errors=True)
                 result = run_pipeline(config, run_dir, progress=reporter, should_cancel=flag)
-        with short_session(settings) as session:
-            suffix = session.scalar(select(Job.suffix).where(Job.id == job_id))
-        artifacts = store_artifacts(job_id, suffix, result, storage=storage)
-        finish(
-            fence,
-            status="succeeded",
-            artifacts=artifacts,
-            data={"timings": result.timings},
-            warnings=result.warnings,
-        )
+            if fence.expired():
+                raise Cancelled("the attempt lost its lease")
+            with short_session(settings) as session:
+                suffix = session.scalar(select(Job.suffix).where(Job.id == job_id))
+            artifacts = store_artifacts(job_id, suffix, result, storage=storage, attempt=attempt)
+            finished = finish(
+                fence,
+                status="succeeded",
+                artifacts=artifacts,
+                data={"timings": result.timings},
+                warnings=result.warnings,
+            )
+        if not finished:
+            storage.delete_prefix(attempt_prefix(job_id, attempt))
+            log.warning("job %s attempt %s lost its claim before finishing", job_id, attempt)
+            return "lost"
+        _drop_other_attempts(job_id, attempt, settings=settings, storage=storage)
         return "succeeded"
     except Cancelled:
         if fence.lost.is_set():
@@ -282,6 +324,9 @@ def run_job(job_id: str, *, worker_name: str, settings: Settings) -> str:
         )
         return "cancelled"
     except Exception as exc:
+        if fence.expired():  # e.g. the database went away: not this job's failure
+            log.warning("job %s attempt %s lost its lease (%s); stopping", job_id, attempt, exc)
+            return "lost"
         log.exception("job %s failed", job_id)
         finish(fence, status="failed", error=classify_failure(exc))
         return "failed"

@@ -5,10 +5,23 @@ from celery import Celery
 from app.queue import RUN_JOB_TASK
 from app.settings import get_settings
 
+RETRY_CLAIM_SECONDS = 5
+
 
 def register_tasks(celery: Celery) -> None:
     @celery.task(name=RUN_JOB_TASK, bind=True, acks_late=True, ignore_result=True)
     def run_job(self, job_id: str) -> str:
+        from app.errors import is_database_outage
         from worker.runner import run_job as run
 
-        return run(job_id, worker_name=self.request.hostname or "worker", settings=get_settings())
+        try:
+            return run(
+                job_id, worker_name=self.request.hostname or "worker", settings=get_settings()
+            )
+        except Exception as exc:
+            # This worker cannot reach the database to claim the job: the message must not be
+            # used up here. Sent again in a few seconds (any worker may take it; a duplicate
+            # is a no-op for the claim).
+            if is_database_outage(exc):
+                raise self.retry(countdown=RETRY_CLAIM_SECONDS, max_retries=None) from exc
+            raise

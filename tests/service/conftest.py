@@ -330,7 +330,14 @@ class Worker:
 
     NAME = "test-worker@%h"
 
-    def __init__(self, env: dict[str, str], log_dir: Path, *, log_name: str = "worker"):
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_dir: Path,
+        *,
+        log_name: str = "worker",
+        name: str | None = None,
+    ):
         cmd = [
             PYTHON,
             "-m",
@@ -343,7 +350,7 @@ class Worker:
             "-Q",
             env["GRAIT_QUEUE"],
             "-n",
-            self.NAME,
+            name or self.NAME,
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",

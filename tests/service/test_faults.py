@@ -8,8 +8,10 @@ cuts and restores between the API and the real server.
 from __future__ import annotations
 
 import asyncio
+import io
 import shutil
 import subprocess
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -146,6 +148,69 @@ def test_api_answers_503_with_a_reason_while_postgres_is_cut_and_recovers_by_its
     finally:
         api.stop()
         proxy.close()
+
+
+@pytest.mark.timeout(300)
+def test_an_attempt_cut_off_from_the_database_stops_itself_and_the_next_one_finishes(
+    service_env: dict[str, str],
+    logs_dir: Path,
+    client: httpx.Client,
+    datasets: dict[str, str],
+    tiny_model: Path,
+    worker_control: Worker,
+) -> None:
+    """Worker A reaches Postgres through a proxy that is cut mid-job for longer than the stale
+    window; worker B's sweeper re-queues the job and B runs it. A must stop on its own (its
+    lease runs out at half the stale window), never finish, and leave B's artifacts alone."""
+    worker_control.stop()
+    url = make_url(service_env["GRAIT_DATABASE_URL"])
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432).start()
+    env_a = {
+        **service_env,
+        "GRAIT_DATABASE_URL": url.set(host="127.0.0.1", port=proxy.port).render_as_string(
+            hide_password=False
+        ),
+    }
+    a = Worker(env_a, logs_dir, log_name="worker-a-cut", name="a-worker@%h").ensure_running()
+    b = Worker(service_env, logs_dir, log_name="worker-b", name="b-worker@%h")
+    try:
+        spec = tiny_job(tiny_model, datasets)
+        spec["hyperparameters"]["training"]["epochs"] = 25  # long enough to be cut off
+        job = client.post("/v1/jobs", json=spec).json()
+        wait_for(
+            lambda: any(
+                e["type"] == "progress" and e["stage"] == "training"
+                for e in all_events(client, job["id"])
+            ),
+            timeout=150,
+            what="worker A to be training",
+        )
+        proxy.cut()
+        b.ensure_running()
+        done = wait_for_status(client, job["id"], TERMINAL, timeout=200)
+        wait_for(
+            lambda: "stopping quietly" in a.process.log() or "lost its lease" in a.process.log(),
+            timeout=30,
+            what="worker A to give the job up",
+        )
+        log_a = a.process.log()
+        artifacts = client.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]
+        adapter = next(x for x in artifacts if x["kind"] == "adapter")
+        tarball = client.get(adapter["download_url"])
+    finally:
+        proxy.close()
+        a.stop()
+        b.stop()
+    assert done["status"] == "succeeded" and done["attempts"] >= 2, done
+    assert "giving the job up" in log_a
+    assert "'succeeded'" not in log_a  # the task's return value: A never finished the job
+    events = all_events(client, job["id"])
+    statuses = [e["data"]["status"] for e in events if e["type"] == "status"]
+    assert statuses.count("succeeded") == 1, statuses
+    with tarfile.open(fileobj=io.BytesIO(tarball.content), mode="r:gz") as tar:
+        assert any(m.name.endswith("adapter_config.json") for m in tar.getmembers())
+    storage = Path(service_env["GRAIT_STORAGE_DIR"]) / "jobs" / job["id"]
+    assert sorted(p.name for p in storage.iterdir()) == [f"attempt-{done['attempts']}"]
 
 
 # ---- Redis: a private server, restarted ----------------------------------------------------------
