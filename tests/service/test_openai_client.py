@@ -195,7 +195,7 @@ def test_upload_with_another_purpose_is_refused(oai: openai.OpenAI, files_dir: P
         ({"model": "gpt-4o-mini"}, "model", "model 'gpt-4o-mini' is neither a known alias"),
         ({"training_file": "ds-missing"}, "training_file", "No fine-tune file with id"),
         ({"validation_file": "ds-missing"}, "validation_file", "No fine-tune file with id"),
-        ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs", "greater than 0"),
+        ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs", "a number in (0, 1000]"),
         (
             {"hyperparameters": {"learning_rate_multiplier": -1}},
             "hyperparameters.learning_rate_multiplier",
@@ -283,7 +283,7 @@ def test_cancel_of_a_queued_job_and_its_file_in_use(
         metadata={"purpose": "cancel-test"},
     )
     assert job.status == "queued" and job.method.type == "grait"  # the documented default
-    assert job.hyperparameters.n_epochs == 3 and job.hyperparameters.learning_rate_multiplier == 1
+    assert job.hyperparameters.n_epochs == "auto" and job.hyperparameters.learning_rate_multiplier == 1
     started = time.monotonic()
     with pytest.raises(openai.ConflictError) as info:
         oai.files.delete(uploaded["arc_valid"])

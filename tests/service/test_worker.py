@@ -188,7 +188,11 @@ def test_worker_killed_mid_job_is_resumed_from_the_last_completed_stage(
     kinds = [a["kind"] for a in artifacts]
     assert len(kinds) == len(set(kinds)) and "adapter" in kinds
     stored = Path(service_env["GRAIT_STORAGE_DIR"]) / "jobs" / job["id"]
-    assert sorted(p.name for p in stored.iterdir()) == sorted(a["filename"] for a in artifacts)
+    assert [p.name for p in stored.iterdir()] == ["attempt-2"]  # the dead attempt's: gone
+    files = sorted(p.name for p in (stored / "attempt-2").iterdir())
+    assert files == sorted(a["filename"] for a in artifacts)
+    runs = Path(service_env["GRAIT_RUNS_DIR"]) / job["id"]
+    assert [p.name for p in runs.iterdir()] == ["attempt-2"]
     wait_for(lambda: receiver.received, timeout=15, what="the job.succeeded webhook")
     deliveries = client.get(f"/v1/jobs/{job['id']}/webhook_deliveries").json()["data"]
     assert [(d["event_type"], d["status"]) for d in deliveries] == [("job.succeeded", "delivered")]
