@@ -120,3 +120,11 @@ def _close(session: Session) -> None:
         session.close()
     except Exception:  # noqa: BLE001 - a connection that died mid-request is discarded
         session.invalidate()
+
+
+def is_database_outage(exc: BaseException) -> bool:
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, TimeoutError
+
+    if isinstance(exc, (OperationalError, InterfaceError, TimeoutError)):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.db import is_database_outage
 from app.request_ids import HEADER, request_id_of
 
 log = logging.getLogger(__name__)
@@ -47,14 +48,6 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 # Connection-level database failures: the request was fine, the database was not there.
 DATABASE_DOWN_RETRY_AFTER = 5
-
-
-def is_database_outage(exc: BaseException) -> bool:
-    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, TimeoutError
-
-    if isinstance(exc, (OperationalError, InterfaceError, TimeoutError)):
-        return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
 def database_outage_message(exc: BaseException) -> str:

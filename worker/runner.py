@@ -19,11 +19,11 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import selectinload
 
 from app.db import short_session
-from app.jobs.service import build_job_config
+from app.jobs.config import build_job_config
 from app.models import Artifact, Dataset, Job, JobEvent, new_id, utcnow
 from app.settings import Settings
 from app.storage import Storage, get_storage
-from app.webhooks.service import enqueue_terminal
+from app.webhooks.outbox import enqueue_terminal
 from grait.config import JobConfig
 from grait.data import DataError
 from grait.events import Cancelled

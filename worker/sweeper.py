@@ -18,7 +18,7 @@ from app.db import short_session
 from app.models import Job, JobEvent, utcnow
 from app.queue import broker_lost_messages, publish_job
 from app.settings import Settings
-from app.webhooks.service import enqueue_terminal
+from app.webhooks.outbox import enqueue_terminal
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ RETRY_CLAIM_SECONDS = 5
 def register_tasks(celery: Celery) -> None:
     @celery.task(name=RUN_JOB_TASK, bind=True, acks_late=True, ignore_result=True)
     def run_job(self, job_id: str) -> str:
-        from app.errors import is_database_outage
+        from app.db import is_database_outage
         from worker.runner import run_job as run
 
         try:

@@ -7,7 +7,7 @@ invalid job fails here with a 422 and never reaches a GPU.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import func, select, update
@@ -15,46 +15,14 @@ from sqlalchemy.orm import Session, selectinload
 
 from app.errors import APIError, loc_to_param, not_found
 from app.idempotency import Idempotency, run_idempotent
+from app.jobs.config import build_job_config
 from app.jobs.schemas import EVENT_PREFIX, DatasetRef, JobCreate
 from app.models import Artifact, Dataset, Job, JobDataset, JobEvent, Tenant, new_id, utcnow
 from app.queue import publish_job
 from app.settings import Settings
 from app.storage import Storage
 from app.webhooks.service import check_webhook_url, enqueue_terminal
-from grait.config import DataFormat, DatasetSpec, JobConfig
 from grait.registry import KNOWN_MODELS
-
-
-def build_job_config(
-    *,
-    method: str,
-    base_model: str,
-    seed: int,
-    hyperparameters: dict[str, Any],
-    datasets: list[tuple[str, str, dict[str, Any]]],
-) -> JobConfig:
-    """The library's config from a job: `datasets` = [(local path, format, options)], train first."""
-    specs = [
-        DatasetSpec(path=path, format=_spec_format(fmt), **options)  # type: ignore[arg-type]
-        for path, fmt, options in datasets
-    ]
-    return JobConfig(
-        method=method,
-        base_model=base_model,
-        seed=seed,
-        train=specs[0],
-        evals=specs[1:],
-        **hyperparameters,
-    )  # type: ignore[arg-type]
-
-
-def _spec_format(stored: str) -> str:
-    """A stored dataset's format as `DatasetSpec` takes it.
-
-    `grait.config.DataFormat` does not list every reader `grait.data` has (`openai_chat`);
-    such a file was validated at upload, and auto-detection names its format again.
-    """
-    return stored if stored in get_args(DataFormat) else "auto"
 
 
 def _check_base_model(base_model: str) -> None:

@@ -27,12 +27,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
 
 from app.db import short_session
 from app.errors import APIError
-from app.models import Job, Tenant, WebhookAttempt, WebhookDelivery, new_id, utcnow
+from app.models import Job, Tenant, WebhookAttempt, WebhookDelivery, utcnow
 from app.settings import Settings
+from app.webhooks.outbox import enqueue_terminal  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 RETRY_FACTOR = 4
@@ -75,42 +75,6 @@ def check_webhook_url(url: str, *, settings: Settings) -> None:
         raise APIError(
             422, "invalid_webhook_url", f"webhook_url: {exc}", param="webhook_url"
         ) from None
-
-
-def enqueue_terminal(
-    session: Session, *, job_id: str, status: str, error: tuple[str, str] | None = None
-) -> None:
-    """Within the transaction that ends the job: the delivery announcing it, if it has a URL."""
-    row = session.execute(
-        select(Job.webhook_url, Job.user_metadata, Job.suffix).where(Job.id == job_id)
-    ).first()
-    if row is None or not row.webhook_url:
-        return
-    event_type = f"job.{status}"
-    now = utcnow()
-    session.add(
-        WebhookDelivery(
-            id=new_id("msg"),
-            job_id=job_id,
-            event_type=event_type,
-            url=row.webhook_url,
-            payload={
-                "type": event_type,
-                "timestamp": now.isoformat(),
-                "data": {
-                    "id": job_id,
-                    "object": "grait.job",
-                    "status": status,
-                    "error": {"code": error[0], "message": error[1]} if error else None,
-                    "suffix": row.suffix,
-                    "metadata": row.user_metadata,
-                },
-            },
-            status="pending",
-            attempts=0,
-            next_attempt_at=now,
-        )
-    )
 
 
 def sign(secret: str, *, message_id: str, timestamp: int, body: bytes) -> str:

@@ -22,3 +22,16 @@ def test_api_and_worker_entry_modules_import_no_torch() -> None:
         [PYTHON, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_worker_imports_no_web_framework() -> None:
+    """`worker/` glues the library to the job table; FastAPI is the API's business."""
+    code = (
+        "import sys, worker.celery_app, worker.runner, worker.sweeper, worker.tasks\n"
+        "web = sorted(m for m in ('fastapi', 'starlette', 'uvicorn') if m in sys.modules)\n"
+        "assert not web, web\n"
+    )
+    result = subprocess.run(
+        [PYTHON, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
