@@ -73,6 +73,7 @@ from grait.training import (
 MANIFEST = "manifest.json"
 OPERATING_POINT = "operating_point.json"  # selection/: the `auto` budget's evidence
 FORMAT_VERSION = 1
+LEGACY_DEFAULT_EPOCHS = 3.0  # `training.epochs` before `auto` became the default
 
 
 class RunDirConflict(RuntimeError):
@@ -98,16 +99,21 @@ def config_hash(config: JobConfig) -> str:
     `n_idk` is `auto`, `training.auto` when `epochs` is `auto`, `training.fit_check` when it
     differs from its defaults (it changes warnings, never the adapter).
     """
+    if config.training.max_steps is not None and config.training.epochs == "auto":
+        # Fixed steps make epochs moot: hash as the number that was the default before
+        # `auto`, so run directories of fixed-step specs from then still resume.
+        training = config.training.model_copy(update={"epochs": LEGACY_DEFAULT_EPOCHS})
+        config = config.model_copy(update={"training": training})
     exclude: dict[str, Any] = {}
     if config.knowledge.n_idk != "auto":
         exclude["knowledge"] = {"auto"}
-    training = set()
+    unused = set()
     if config.training.epochs != "auto":
-        training.add("auto")
+        unused.add("auto")
     if config.training.fit_check == FitCheckConfig():
-        training.add("fit_check")
-    if training:
-        exclude["training"] = training
+        unused.add("fit_check")
+    if unused:
+        exclude["training"] = unused
     dump = config.model_dump_json(exclude=exclude or None)
     return hashlib.sha256(dump.encode()).hexdigest()[:16]
 

@@ -124,3 +124,16 @@ def test_the_fit_check_can_be_turned_off(tiny_model_dir, shared_data, tmp_path):
     ]
     assert "fit" not in metrics and result.warnings == []
     assert FitCheckConfig().enabled  # on by default
+
+
+def test_fixed_steps_hash_as_before_auto_epochs_existed():
+    """With max_steps, epochs are moot: `auto` hashes as the old default (3), so fixed-step run
+    directories from before `auto` still resume."""
+    spec = {"train": {"path": "/x.jsonl"}}
+    auto = JobConfig.model_validate({**spec, "training": {"max_steps": 16}})
+    three = JobConfig.model_validate({**spec, "training": {"max_steps": 16, "epochs": 3}})
+    assert auto.training.epochs == "auto" and config_hash(auto) == config_hash(three)
+    free = JobConfig.model_validate(spec)  # auto epochs without fixed steps: a different spec
+    assert config_hash(free) != config_hash(
+        JobConfig.model_validate({**spec, "training": {"epochs": 3}})
+    )

@@ -283,7 +283,9 @@ def test_cancel_of_a_queued_job_and_its_file_in_use(
         metadata={"purpose": "cancel-test"},
     )
     assert job.status == "queued" and job.method.type == "grait"  # the documented default
-    assert job.hyperparameters.n_epochs == "auto" and job.hyperparameters.learning_rate_multiplier == 1
+    assert (
+        job.hyperparameters.n_epochs == "auto" and job.hyperparameters.learning_rate_multiplier == 1
+    )
     started = time.monotonic()
     with pytest.raises(openai.ConflictError) as info:
         oai.files.delete(uploaded["arc_valid"])
