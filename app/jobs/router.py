@@ -1,15 +1,17 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import FileResponse, StreamingResponse
 
+from app.db import in_request_session
 from app.deps import REQUIRE_KEY, PrincipalDep, SessionDep, SettingsDep, StorageDep
 from app.errors import ERROR_RESPONSES
 from app.idempotency import REPLAYED_HEADER, Idempotency, IdempotencyKeyHeader
 from app.jobs import service
 from app.jobs.schemas import ArtifactObject, EventObject, JobCreate, JobObject, JobStatus
+from app.jobs.stream import event_stream
 from app.pagination import AfterQuery, LimitQuery, ListPage, page_of
 
 router = APIRouter(
@@ -90,6 +92,36 @@ def list_events(
         session=session, tenant_id=principal.tenant_id, job_id=job_id, after=after, limit=limit
     )
     return page_of(events, limit=limit, to_schema=EventObject.of)
+
+
+@router.get(
+    "/{job_id}/events/stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}},
+)
+async def stream_events(
+    job_id: str,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    after: AfterQuery = None,
+    last_event_id: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> StreamingResponse:
+    """The job's events live as Server-Sent Events (`id:` = the event id, `event:` = its type,
+    `data:` = the event object). Resumes after `Last-Event-ID` (or `after`); closes when the
+    job has ended and its last event was sent."""
+    after = last_event_id or after
+
+    def check(session: Any) -> None:  # 404 / 422 now, not as a broken stream later
+        service.list_events(
+            session=session, tenant_id=principal.tenant_id, job_id=job_id, after=after, limit=1
+        )
+
+    await in_request_session(settings, check)
+    return StreamingResponse(
+        event_stream(settings, tenant_id=principal.tenant_id, job_id=job_id, after=after),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @router.get("/{job_id}/artifacts", response_model=ListPage[ArtifactObject])
