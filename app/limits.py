@@ -79,3 +79,29 @@ class BodyLimit:
             )
         response.headers["connection"] = "close"
         await response(scope, receive, send)
+
+
+class RejectNul:
+    """A URL holding a NUL character (`%00`) is refused with a 400 before any route runs.
+
+    Ids and cursors go into SQL; Postgres text cannot hold NUL, so such a request would
+    otherwise end as a database error (500) instead of a clear client error.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (
+            "\x00" in scope.get("path", "") or b"%00" in scope.get("query_string", b"")
+        ):
+            message = "NUL characters (%00) are not allowed in URLs."
+            if is_openai_path(scope.get("path", "")):
+                response = openai_error(400, message, code="invalid_request")
+            else:
+                response = JSONResponse(
+                    status_code=400, content=error_body("invalid_request", message)
+                )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

@@ -14,7 +14,7 @@ from app.datasets.router import router as datasets_router
 from app.embedded import EmbeddedWorker
 from app.errors import install_error_handlers
 from app.jobs.router import router as jobs_router
-from app.limits import BodyLimit
+from app.limits import BodyLimit, RejectNul
 from app.models_api.router import router as models_router
 from app.openai_compat.router import router as openai_router
 from app.request_ids import RequestIds
@@ -53,6 +53,7 @@ def create_app() -> FastAPI:
     install_error_handlers(app)
     health.install_metrics(app, settings)
     app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(RejectNul)
     app.add_middleware(RequestIds)  # added last = runs first: every response gets an id
     app.include_router(health.router)
     app.include_router(datasets_router)

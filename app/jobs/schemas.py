@@ -2,7 +2,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    create_model,
+)
 
 from app.models import Artifact, Job, JobEvent
 from grait.config import DEFAULT_BASE_MODEL, JobConfig
@@ -31,12 +39,23 @@ Hyperparameters = create_model(  # type: ignore[call-overload]
 )
 
 
+def _no_nul(value: str) -> str:
+    """Postgres text cannot hold NUL: refuse it here (422) rather than fail in SQL (500)."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL (\\x00) characters")
+    return value
+
+
+# Text that ends up in the database.
+Text = Annotated[str, AfterValidator(_no_nul)]
+
+
 class DatasetRef(BaseModel):
     """A stored dataset, optionally cut down (shuffled with the job seed, then offset/limit)."""
 
     model_config = ConfigDict(extra="forbid")
-    id: str
-    name: str | None = None
+    id: Text = Field(min_length=1, max_length=255)
+    name: Text | None = Field(None, max_length=255)
     limit: int | None = Field(None, ge=1)
     offset: int = Field(0, ge=0)
     shuffle: bool = True
@@ -71,9 +90,10 @@ class JobCreate(BaseModel):
         "random-idk, stratified-random) picks its refusal budget by "
         "`knowledge.auto.max_over_refusal`.",
     )
-    base_model: str = Field(
+    base_model: Text = Field(
         DEFAULT_BASE_MODEL,
         min_length=1,
+        max_length=512,
         description="Alias from GET /v1/models, a local HF directory, or a hub id.",
     )
     train_dataset: DatasetInput
@@ -85,8 +105,8 @@ class JobCreate(BaseModel):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)  # type: ignore[valid-type]
     seed: int = 0
     suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
-    metadata: dict[str, str] | None = Field(None, max_length=16)
-    webhook_url: str | None = Field(
+    metadata: dict[Text, Text] | None = Field(None, max_length=16)
+    webhook_url: Text | None = Field(
         None,
         max_length=2048,
         description="POSTed (signed, Standard Webhooks style) when the job succeeds, fails or "

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from app.jobs.schemas import HYPERPARAMETER_GROUPS, DatasetInput
+from app.jobs.schemas import HYPERPARAMETER_GROUPS, DatasetInput, Text
 from app.models import Artifact, Dataset, Job, JobEvent
 from grait.config import JobConfig, TrainingConfig
 from grait.events import STAGES
@@ -107,9 +107,9 @@ class FineTuningJobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="Base model: alias from GET /v1/models, local HF dir or hub id.")
-    training_file: str
-    validation_file: str | None = Field(None, description="The in-distribution eval set.")
-    suffix: str | None = None
+    training_file: Text
+    validation_file: Text | None = Field(None, description="The in-distribution eval set.")
+    suffix: Text | None = None
     seed: int | None = Field(None, description="Default 0 (grait runs are seeded).")
     metadata: dict[str, str] | None = None
     hyperparameters: OpenAIHyperparameters | None = None

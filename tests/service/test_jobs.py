@@ -255,3 +255,30 @@ def test_unknown_job_is_404_everywhere(client: httpx.Client) -> None:
         response = client.request(method, path)
         assert response.status_code == 404, path
         assert response.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/jobs/job-%00x", "/v1/datasets/ds-%00", "/v1/fine_tuning/jobs/x%00y", "/v1/files/f%00"],
+)
+def test_nul_in_an_id_is_a_4xx_not_a_database_error(client: httpx.Client, path: str) -> None:
+    response = client.get(path)
+    assert response.status_code in (400, 404, 422), (path, response.text)
+    assert response.json()["error"]["message"]
+
+
+def test_nul_in_a_submitted_id_or_label_is_422_naming_the_field(
+    client: httpx.Client, datasets: dict[str, str]
+) -> None:
+    for body, param in (
+        ({"train_dataset": "ds-\x00"}, "train_dataset.id"),
+        ({"train_dataset": datasets["mmlu"], "metadata": {"k": "v\x00"}}, "metadata.k"),
+    ):
+        response = client.post("/v1/jobs", json=body)
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["param"] == param
+    openai_face = client.post(
+        "/v1/fine_tuning/jobs", json={"model": "smollm2-135m-instruct", "training_file": "f\x00"}
+    )
+    assert openai_face.status_code == 400, openai_face.text
+    assert openai_face.json()["error"]["param"] == "training_file"
