@@ -282,3 +282,54 @@ def test_nul_in_a_submitted_id_or_label_is_422_naming_the_field(
     )
     assert openai_face.status_code == 400, openai_face.text
     assert openai_face.json()["error"]["param"] == "training_file"
+
+
+@pytest.mark.timeout(120)
+def test_a_cancel_is_never_lost_while_the_job_flips_between_queued_and_running(
+    client: httpx.Client, datasets: dict[str, str], service_env: dict[str, str], no_worker: Any
+) -> None:
+    """A claim/sweeper storm flips the job's status while cancels arrive: every cancel call
+    returns a job that is cancelled or flagged, whatever moment it landed in."""
+    import threading
+
+    from sqlalchemy import update
+
+    from app.db import session_factory, short_session
+    from app.jobs.service import cancel_job
+    from app.models import Job
+
+    from .conftest import settings_for
+
+    settings = settings_for(service_env)
+    tenant = None
+    outcomes: list[tuple[str, bool]] = []
+    for _ in range(15):
+        job = client.post("/v1/jobs", json={"train_dataset": datasets["mmlu"]}).json()
+        with short_session(settings) as session:
+            row = session.get(Job, job["id"])
+            tenant = row.tenant_id
+            session.execute(update(Job).where(Job.id == job["id"]).values(status="running"))
+        stop = threading.Event()
+
+        def storm(job_id: str = job["id"], stop: threading.Event = stop) -> None:
+            flip = ("queued", "running")
+            i = 0
+            while not stop.is_set():
+                with short_session(settings) as s:
+                    s.execute(
+                        update(Job)
+                        .where(Job.id == job_id, Job.status.in_(flip))
+                        .values(status=flip[i % 2])
+                    )
+                i += 1
+
+        thread = threading.Thread(target=storm, daemon=True)
+        thread.start()
+        try:
+            with session_factory(settings)() as session:
+                done = cancel_job(session=session, tenant_id=tenant, job_id=job["id"])
+                outcomes.append((done.status, done.cancel_requested))
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+    assert all(status == "cancelled" or flagged for status, flagged in outcomes), outcomes
