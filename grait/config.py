@@ -349,7 +349,7 @@ class EvalConfig(_Strict):
 class JobConfig(_Strict):
     """Everything a GRAIT (or baseline) run needs; `grait run` reads it from YAML."""
 
-    method: Method = "grait"
+    method: Method = "random-idk"  # the evidence: bench/results/tradeoff*/
     base_model: str = Field(DEFAULT_BASE_MODEL, description="Alias, local HF directory or hub id.")
     train: DatasetSpec
     evals: list[DatasetSpec] = Field(default_factory=list, description="First = in-distribution.")

@@ -84,8 +84,10 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: MethodName = Field(
-        "grait",
-        description="`grait` or a baseline the library offers. With "
+        JobConfig.model_fields["method"].default,
+        description="Default `random-idk`: on our trade-off study no ranking beat random "
+        "refusals at equal budget (README, Quality), and it needs no gradient stage. `grait` "
+        "and every baseline the library offers are a name away. With "
         '`hyperparameters.knowledge.n_idk: "auto"` a ranked method (grait, grait-noweight, '
         "random-idk, stratified-random) picks its refusal budget by "
         "`knowledge.auto.max_over_refusal`.",

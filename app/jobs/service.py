@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from app.errors import APIError, loc_to_param, not_found
@@ -287,73 +287,62 @@ def list_jobs(
 def cancel_job(*, session: Session, tenant_id: str, job_id: str) -> Job:
     """Queued: cancelled now. Running: flag it; the worker stops at the next step boundary.
 
-    Both are conditional updates, so a worker claiming (or the sweeper re-queuing) the job at
-    this instant makes one of them match on the next pass instead of dropping the cancel.
+    One conditional UPDATE does whichever applies to the status at that instant, so a worker
+    claiming (or the sweeper re-queuing) the job at the same moment cannot make the cancel
+    miss both cases.
     """
     get_job(session=session, tenant_id=tenant_id, job_id=job_id)  # 404 for unknown / other
-    for _ in range(5):
-        if _cancel_if_waiting(session, job_id) or _flag_if_running(session, job_id):
-            break
+    waiting = Job.status.in_(("validating", "queued"))
+
+    def when_waiting(value: Any, otherwise: Any) -> Any:
+        return case((waiting, value), else_=otherwise)
+
+    message = "Cancelled before it started."
+    row = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.status.in_(("validating", "queued", "running")),
+            ~((Job.status == "running") & Job.cancel_requested.is_(True)),
+        )
+        .values(
+            cancel_requested=True,
+            status=when_waiting("cancelled", Job.status),
+            error_code=when_waiting("cancelled", Job.error_code),
+            error_message=when_waiting(message, Job.error_message),
+            finished_at=when_waiting(utcnow(), Job.finished_at),
+            stage=when_waiting(None, Job.stage),
+            eta_seconds=when_waiting(None, Job.eta_seconds),
+        )
+        .returning(Job.status)
+    ).first()
+    if row is not None and row.status == "cancelled":
+        session.add(
+            _event(
+                job_id, "status", "Job cancelled before it started.", data={"status": "cancelled"}
+            )
+        )
+        enqueue_terminal(session, job_id=job_id, status="cancelled", error=("cancelled", message))
+    elif row is not None:
+        session.add(
+            _event(
+                job_id,
+                "status",
+                "Cancel requested; the job stops at the next step boundary.",
+                data={"status": "running", "cancel_requested": True},
+            )
+        )
+    else:
         status = session.scalar(select(Job.status).where(Job.id == job_id))
         if status in ("succeeded", "failed"):
             session.rollback()
             raise APIError(
                 409, "job_not_cancellable", f"Job {job_id} already {status}.", param="id"
             )
-        if status in ("running", "cancelled"):
-            break  # already flagged, or already cancelled: nothing to add
-        # Re-queued between the two updates: try again.
+        # cancelled already, or running with the flag already set: nothing to add
     session.commit()
     session.expire_all()
     return get_job(session=session, tenant_id=tenant_id, job_id=job_id)
-
-
-def _cancel_if_waiting(session: Session, job_id: str) -> bool:
-    now = utcnow()
-    cancelled = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(("validating", "queued")))
-        .values(
-            status="cancelled",
-            error_code="cancelled",
-            error_message="Cancelled before it started.",
-            finished_at=now,
-            cancel_requested=True,
-            stage=None,
-            eta_seconds=None,
-        )
-    ).rowcount
-    if not cancelled:
-        return False
-    session.add(
-        _event(job_id, "status", "Job cancelled before it started.", data={"status": "cancelled"})
-    )
-    enqueue_terminal(
-        session,
-        job_id=job_id,
-        status="cancelled",
-        error=("cancelled", "Cancelled before it started."),
-    )
-    return True
-
-
-def _flag_if_running(session: Session, job_id: str) -> bool:
-    flagged = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "running", Job.cancel_requested.is_(False))
-        .values(cancel_requested=True)
-    ).rowcount
-    if not flagged:
-        return False
-    session.add(
-        _event(
-            job_id,
-            "status",
-            "Cancel requested; the job stops at the next step boundary.",
-            data={"status": "running", "cancel_requested": True},
-        )
-    )
-    return True
 
 
 def list_events(

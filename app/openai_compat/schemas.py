@@ -24,7 +24,7 @@ DEFAULT_LEARNING_RATE: float = TrainingConfig.model_fields["learning_rate"].defa
 # name, and OpenAI's `supervised` for vanilla tuning (grait's `van`).
 METHOD_TYPES: dict[str, str] = {**{name: name for name in GRAIT_METHODS}, "supervised": "van"}
 METHOD_NAMES = {"van": "supervised"}  # grait method -> the type we report
-DEFAULT_METHOD = "grait"
+DEFAULT_METHOD = "random-idk"  # = grait.config's default
 MethodType = Literal[tuple(METHOD_TYPES)]  # type: ignore[valid-type]
 Auto = Literal["auto"]
 

@@ -282,7 +282,7 @@ def test_cancel_of_a_queued_job_and_its_file_in_use(
         training_file=uploaded["arc_valid"],
         metadata={"purpose": "cancel-test"},
     )
-    assert job.status == "queued" and job.method.type == "grait"  # the documented default
+    assert job.status == "queued" and job.method.type == "random-idk"  # the documented default
     assert (
         job.hyperparameters.n_epochs == "auto" and job.hyperparameters.learning_rate_multiplier == 1
     )
