@@ -183,7 +183,7 @@ class WarmupConfig(_Strict):
 class FeaturesConfig(_Strict):
     """Stage 2b: per-sample LoRA gradient features (LESS)."""
 
-    dim: int = Field(8192, ge=8, le=65536, description="Projection dimension d.")
+    dim: int = Field(8192, ge=8, le=2**24, description="Projection dimension d.")
     preconditioner: Literal["adam", "rms", "none"] = "adam"
     projection: Literal["sparse", "dense"] = Field(
         "sparse",

@@ -60,7 +60,7 @@ def test_yaml_paths_resolve_against_the_spec_folder(tmp_path):
         ("evaluation", "max_new_tokens", 100_000),
         ("knowledge", "max_new_tokens", 100_000),
         ("knowledge", "k_samples", 1000),
-        ("features", "dim", 10**7),
+        ("features", "dim", 10**8),
         ("lora", "r", 100_000),
         ("warmup", "epochs", 10_000),
     ],

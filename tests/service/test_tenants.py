@@ -22,6 +22,7 @@ NATIVE_ROUTES = [
     ("POST", "/v1/jobs"),
     ("GET", "/v1/jobs/job-x"),
     ("POST", "/v1/jobs/job-x/cancel"),
+    ("GET", "/v1/jobs/job-x/events/stream"),
     ("GET", "/v1/jobs/job-x/events"),
     ("GET", "/v1/jobs/job-x/artifacts"),
     ("GET", "/v1/jobs/job-x/artifacts/file-x/content"),
