@@ -482,3 +482,21 @@ def tiny_job(tiny_model: Path, datasets: dict[str, str], **overrides: Any) -> di
         "seed": 0,
         **overrides,
     }
+
+
+def start_long_job_and_wait_until_training(
+    client: httpx.Client, tiny_model: Path, datasets: dict[str, str]
+) -> dict[str, Any]:
+    """A tiny grait job with enough epochs to be cut off mid-training; returned once training."""
+    spec = tiny_job(tiny_model, datasets)
+    spec["hyperparameters"]["training"]["epochs"] = 25
+    job = client.post("/v1/jobs", json=spec).json()
+    wait_for(
+        lambda: any(
+            e["type"] == "progress" and e["stage"] == "training"
+            for e in all_events(client, job["id"])
+        ),
+        timeout=150,
+        what=f"job {job['id']} to be training",
+    )
+    return job

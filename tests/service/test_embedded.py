@@ -14,6 +14,7 @@ from .conftest import (
     bearer,
     printed_api_key,
     start_embedded_api,
+    start_long_job_and_wait_until_training,
     tiny_job,
     upload,
     wait_for,
@@ -87,17 +88,7 @@ def test_kill9_of_the_api_mid_job_leaves_no_orphan_and_the_job_resumes_once(
                 key: upload(client, data_dir / name).json()["id"]
                 for key, name in (("mmlu", "mmlu_excerpt.csv"), ("arc", "arc_excerpt.jsonl"))
             }
-            spec = tiny_job(tiny_model, datasets)
-            spec["hyperparameters"]["training"]["epochs"] = 25  # long enough to be cut off
-            job = client.post("/v1/jobs", json=spec).json()
-            wait_for(
-                lambda: any(
-                    e["type"] == "progress" and e["stage"] == "training"
-                    for e in all_events(client, job["id"])
-                ),
-                timeout=150,
-                what="the job to be training",
-            )
+            job = start_long_job_and_wait_until_training(client, tiny_model, datasets)
     finally:
         api.kill9()
     # The old worker dies with its API at once (SIGKILL), not after finishing the job.

@@ -29,6 +29,7 @@ from .conftest import (
     bearer,
     free_port,
     start_api,
+    start_long_job_and_wait_until_training,
     tiny_job,
     unavailable,
     wait_for,
@@ -174,17 +175,7 @@ def test_an_attempt_cut_off_from_the_database_stops_itself_and_the_next_one_fini
     a = Worker(env_a, logs_dir, log_name="worker-a-cut", name="a-worker@%h").ensure_running()
     b = Worker(service_env, logs_dir, log_name="worker-b", name="b-worker@%h")
     try:
-        spec = tiny_job(tiny_model, datasets)
-        spec["hyperparameters"]["training"]["epochs"] = 25  # long enough to be cut off
-        job = client.post("/v1/jobs", json=spec).json()
-        wait_for(
-            lambda: any(
-                e["type"] == "progress" and e["stage"] == "training"
-                for e in all_events(client, job["id"])
-            ),
-            timeout=150,
-            what="worker A to be training",
-        )
+        job = start_long_job_and_wait_until_training(client, tiny_model, datasets)
         proxy.cut()
         b.ensure_running()
         done = wait_for_status(client, job["id"], TERMINAL, timeout=200)
