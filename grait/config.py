@@ -201,10 +201,12 @@ class SelectionConfig(_Strict):
 
     `coverage`: greedy facility location, mean_idk max_S k − lam·mean_ik max_S k with
     k = max(0, cos) on centred features. `score`: the paper's linear score
-    I_idk − lam·I_ik + mu·VAN − rho·max_sim (a top-n when rho = 0).
+    I_idk − lam·I_ik + mu·VAN − rho·max_sim (a top-n when rho = 0). `neighbourhood`: a random
+    order with weights (u/(1−u))^tilt, u the unknown share of a candidate's nearest training
+    questions (random-idk at tilt 0).
     """
 
-    strategy: Literal["coverage", "score"] = "coverage"
+    strategy: Literal["coverage", "score", "neighbourhood"] = "coverage"
     lam: float = Field(1.0, description="Weight of the over-refusal (known-sample) term.")
     mu: float = Field(1.0, description="score: weight of the agreement with kept ik answers.")
     rho: float = Field(0.0, description="score: weight of the redundancy penalty.")
@@ -214,6 +216,15 @@ class SelectionConfig(_Strict):
     )
     candidate_features: Literal["raw", "preconditioned"] = Field(
         "raw", description="coverage/stratified: which refusal features describe a candidate."
+    )
+    neighbours: int = Field(
+        10, ge=1, le=1000, description="neighbourhood: nearest training questions per candidate."
+    )
+    tilt: float = Field(
+        1.0,
+        ge=0.0,
+        le=20.0,
+        description="neighbourhood: exponent on the unknown odds (0 = a uniform random order).",
     )
     max_references: int = Field(
         4096,

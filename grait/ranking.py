@@ -7,8 +7,10 @@ nested budgets comparable. Rankings:
   refusal features — cover the unknowns, charged λ for covering the knowns
   (`selection.facility_location_order`). Strategy `score`: the paper's linear score
   I_idk − λ·I_ik + μ·VAN − ρ·redundancy, greedy (`selection.select_idk_samples`).
+  Strategy `neighbourhood`: a random order tilted towards candidates whose nearest training
+  questions (by centred refusal feature) are mostly unknown (`selection.unknown_share`).
 - `stratified`: round robin over spherical k-means clusters of the same centred features.
-- `random`: a seeded permutation.
+- `random`: a seeded uniform order (the `neighbourhood` keys at tilt 0).
 
 Every gradient ranking also records the paper's influence terms per candidate, so users can
 audit a pick and Stage 3 can weight it.
@@ -30,8 +32,10 @@ from grait.selection import (
     normalise_rows,
     reference_rows,
     select_idk_samples,
+    share_weighted_order,
     spherical_kmeans,
     stratified_random_order,
+    unknown_share,
 )
 from grait.weighting import adaptive_weights
 
@@ -65,7 +69,9 @@ def rank_candidates(
     """The full pick order of the unknowns for ranking `kind` (see the module docstring)."""
     n = len(idk_rows)
     if kind == "random":
-        return Ranking([int(i) for i in np.random.default_rng(seed).permutation(n)])
+        # The neighbourhood strategy's keys at tilt 0: with the same seed, its order is this
+        # one tilted (common random numbers make the paired comparison less noisy).
+        return Ranking(share_weighted_order(np.full(n, 0.5), tilt=0.0, seed=seed))
     if features is None:
         raise ValueError(f"ranking {kind!r} needs gradient features")
     if n == 0:
@@ -109,6 +115,19 @@ def rank_candidates(
             block_rows=cfg.block_rows,
         )
         return Ranking(res.selected, {**terms, "score": _at_pick(res.score, res.selected, n)})
+    if cfg.strategy == "neighbourhood":
+        rows = np.asarray(sorted(set(idk_rows) | set(ik_rows)), dtype=np.int64)
+        rows = rows[reference_rows(len(rows), cfg.max_references, seed + 2)]
+        share = unknown_share(
+            cand,
+            cand_all[rows],
+            np.isin(rows, idk_rows),
+            candidate_ids=np.asarray(idk_rows, dtype=np.int64),
+            reference_ids=rows,
+            neighbours=cfg.neighbours,
+        )
+        order = share_weighted_order(share, tilt=cfg.tilt, seed=seed)
+        return Ranking(order, {**terms, "unknown_share": share})
     idk_refs = ref_all[idk_rows][reference_rows(n, cfg.max_references, seed)]
     ik_sel = np.asarray(ik_rows, dtype=np.int64)
     ik_refs = ref_all[ik_sel[reference_rows(len(ik_sel), cfg.max_references, seed + 1)]]

@@ -233,6 +233,54 @@ def facility_location_order(
     return CoverageResult(order, np.array(gains), np.array(idk_gains), np.array(ik_gains))
 
 
+def unknown_share(
+    candidates: np.ndarray,
+    references: np.ndarray,
+    reference_is_idk: np.ndarray,
+    *,
+    candidate_ids: np.ndarray,
+    reference_ids: np.ndarray,
+    neighbours: int,
+) -> np.ndarray:
+    """Per candidate: the smoothed share of unknowns among its nearest training questions.
+
+    A refusal trained on one question spreads to the questions whose refusal gradients
+    resemble it (O1), known ones included (O2). The unknown share of that neighbourhood is the
+    precision such a refusal can hope for; add-one smoothing keeps a thin neighbourhood near
+    1/2. The candidate itself (same id) is not its own neighbour.
+    """
+    cand = np.asarray(candidates, dtype=np.float32)
+    refs = np.asarray(references, dtype=np.float32)
+    is_idk = np.asarray(reference_is_idk, dtype=bool)
+    m = max(1, min(neighbours, len(refs) - 1)) if len(refs) > 1 else 0
+    share = np.full(len(cand), 0.5)
+    if m == 0:
+        return share
+    for start in range(0, len(cand), 1024):
+        sims = cand[start : start + 1024] @ refs.T
+        own = np.asarray(candidate_ids[start : start + 1024])[:, None] == reference_ids[None, :]
+        sims[own] = -np.inf
+        nearest = np.argpartition(-sims, m - 1, axis=1)[:, :m]
+        share[start : start + len(sims)] = (is_idk[nearest].sum(axis=1) + 1.0) / (m + 2.0)
+    return share
+
+
+def share_weighted_order(share: np.ndarray, *, tilt: float, seed: int) -> list[int]:
+    """A random order that favours candidates in mostly-unknown neighbourhoods.
+
+    Weighted sampling without replacement (Efraimidis-Spirakis keys log(U)/w) with weight
+    w = (share / (1 − share))^tilt: tilt 0 is a uniform random order (random-idk), larger
+    tilts move the picks towards regions where a refusal mostly hits unknowns. It stays a
+    random sample, so the picks keep random-idk's spread over the candidates: deterministic
+    top-n rankings stack in one cluster, and refusal generalises per cluster.
+    """
+    share = np.clip(np.asarray(share, dtype=np.float64), 1e-6, 1 - 1e-6)
+    log_w = tilt * (np.log(share) - np.log1p(-share))
+    u = np.random.default_rng(seed).random(len(share))
+    keys = np.log(np.maximum(u, 1e-300)) * np.exp(-log_w)
+    return [int(i) for i in np.argsort(-keys, kind="stable")]
+
+
 def spherical_kmeans(x: np.ndarray, k: int, *, seed: int, iterations: int = 50) -> np.ndarray:
     """Cluster labels of unit rows by cosine (k-means++ start); small and dependency-free."""
     x = normalise_rows(np.asarray(x, dtype=np.float32))

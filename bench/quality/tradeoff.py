@@ -336,12 +336,17 @@ def run_profile(
     stage1 = stage1_all_facts(job, facts, work, log)
     cells: list[dict[str, Any]] = []
     seeds_out: list[dict[str, Any]] = []
+    # Stages 1-2 of every seed first: selection variants can be screened offline
+    # (bench.quality.screen) while the training cells run.
+    prepared = []
     for seed in seeds:
         train, evals = split_for_seed(facts, seed, n_eval_known, n_eval_unknown)
         data = SeedData(seed, train, evals, work / f"seed{seed}")
         paraphrase = {"id": 0, "ood": 2}
         sets = {ev: [f.record(paraphrase[ev]) for f in evals] for ev in eval_sets}
         seed_job, shared = prepare_seed({**job}, data, stage1, log)
+        prepared.append((seed, train, evals, data, sets, seed_job, shared))
+    for seed, train, evals, data, sets, seed_job, shared in prepared:
         split = json.loads((shared / "knowledge_query" / "split.json").read_text())
         base = _cached(data.folder / "base.json", partial(base_cell, model, tok, sets, refusal))
         seeds_out.append(
