@@ -11,8 +11,10 @@ from grait.selection import (
     centre_features,
     facility_location_order,
     normalise_rows,
+    share_weighted_order,
     spherical_kmeans,
     stratified_random_order,
+    unknown_share,
 )
 
 
@@ -135,3 +137,64 @@ def test_relative_temperature_spreads_weights_where_the_absolute_one_leaves_them
     assert (
         refusal_weights(ranking, picked, WeightingConfig(), weighted=False).tolist() == [1.0] * 10
     )
+
+
+def test_unknown_share_reads_each_candidates_neighbourhood_and_skips_itself():
+    rows, cluster = _clusters(np.random.default_rng(6), [20, 20])
+    is_idk = np.r_[np.ones(18, bool), np.zeros(2, bool), np.zeros(18, bool), np.ones(2, bool)]
+    ids = np.arange(40)
+    cand = np.flatnonzero(is_idk)
+    share = unknown_share(
+        rows[cand], rows, is_idk, candidate_ids=cand, reference_ids=ids, neighbours=10
+    )
+    in_unknown_cluster = cluster[cand] == 0
+    assert share[in_unknown_cluster].min() > 0.7  # (≥8 of 10 neighbours unknown + 1) / 12
+    assert share[~in_unknown_cluster].max() < 0.3  # a lone unknown among knowns
+    # Without self-exclusion a candidate would count itself: one reference, itself -> 1/2.
+    alone = unknown_share(
+        rows[:1],
+        rows[:1],
+        np.ones(1, bool),
+        candidate_ids=ids[:1],
+        reference_ids=ids[:1],
+        neighbours=10,
+    )
+    assert alone.tolist() == [0.5]
+
+
+def test_share_weighted_order_is_random_at_tilt_zero_and_tilts_towards_unknown_regions():
+    share = np.r_[np.full(50, 0.9), np.full(50, 0.1)]
+    flat = share_weighted_order(share, tilt=0.0, seed=1)
+    assert flat == share_weighted_order(np.full(100, 0.5), tilt=0.0, seed=1)  # shares ignored
+    firsts_flat, firsts_tilted = [], []
+    for seed in range(40):
+        firsts_flat.append(
+            np.mean(np.array(share_weighted_order(share, tilt=0.0, seed=seed)[:10]) < 50)
+        )
+        firsts_tilted.append(
+            np.mean(np.array(share_weighted_order(share, tilt=1.0, seed=seed)[:10]) < 50)
+        )
+    assert 0.35 < np.mean(firsts_flat) < 0.65
+    assert (
+        np.mean(firsts_tilted) > 0.85
+    )  # odds 9 vs 1/9: almost every early pick is from the first half
+    tilted = share_weighted_order(share, tilt=1.0, seed=1)
+    assert sorted(tilted) == list(range(100)) and tilted != flat
+
+
+def test_neighbourhood_ranking_shares_random_idks_keys_and_records_the_share():
+    features, idk, ik = _features(np.random.default_rng(7))
+    cfg = SelectionConfig(strategy="neighbourhood", tilt=0.0)
+    flat = rank_candidates("gradient", idk_rows=idk, ik_rows=ik, features=features, cfg=cfg, seed=2)
+    rand = rank_candidates("random", idk_rows=idk, ik_rows=ik, features=None, cfg=cfg, seed=2)
+    assert flat.order == rand.order  # common random numbers: the tilt is the only difference
+    tilted = rank_candidates(
+        "gradient",
+        idk_rows=idk,
+        ik_rows=ik,
+        features=features,
+        cfg=SelectionConfig(strategy="neighbourhood"),
+        seed=2,
+    )
+    assert set(tilted.terms) >= {"unknown_share", "i_idk", "i_ik"}
+    assert len(tilted.terms["unknown_share"]) == len(idk)
