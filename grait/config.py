@@ -27,7 +27,17 @@ from grait.methods import METHOD_NAMES as METHODS  # noqa: F401  (re-exported)
 from grait.methods import METHODS as METHOD_TABLE
 from grait.methods import method_spec
 
-Method = Literal["grait", "grait-noweight", "random-idk", "stratified-random", "rtuning", "van"]
+Method = Literal[
+    "grait",
+    "grait-noweight",
+    "random-idk",
+    "stratified-random",
+    "craft",
+    "craft-noflow",
+    "craft-nocert",
+    "rtuning",
+    "van",
+]
 DataFormat = Literal["auto", "canonical", "mmlu", "arc", "nq", "openai_chat"]
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 REFUSAL = "I don't know."
@@ -260,6 +270,30 @@ class WeightingConfig(_Strict):
         return self
 
 
+class CraftConfig(_Strict):
+    """CRaFT (arXiv 2410.06913): a rehearsal LoRA on the surest knowns, then Stage 1 again.
+
+    Unknowns whose correctness rises after the rehearsal ("knowledge flow": the model could
+    learn them from what it knows) are not made refusals. The release rehearsed on up to 1000
+    questions with correctness > 0.99; a model that is that sure of fewer than
+    `rehearsal_min_samples` questions rehearses on its `rehearsal_min_samples` surest knowns.
+    """
+
+    rehearsal_min_correctness: float = Field(0.99, ge=0.0, le=1.0)
+    rehearsal_max_samples: int = Field(1000, ge=1, le=1_000_000)
+    rehearsal_min_samples: int = Field(16, ge=1, le=1_000_000)
+    rehearsal_epochs: float = Field(1.0, gt=0.0, le=1000.0)
+    rehearsal_learning_rate: float = Field(2e-4, gt=0.0)
+    max_delta: float = Field(
+        0.0,
+        ge=-1.0,
+        le=1.0,
+        description="An unknown stays a refusal candidate when its correctness change after "
+        "the rehearsal is <= this (the paper: < 0 on continuous MCQA scores; sampled OEQA "
+        "correctness is often exactly 0 before and after, which a strict < 0 would drop).",
+    )
+
+
 class FitCheckConfig(_Strict):
     """After training: does the adapter give its training targets? (One teacher-forced pass.)
 
@@ -374,6 +408,7 @@ class JobConfig(_Strict):
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     weighting: WeightingConfig = Field(default_factory=WeightingConfig)
+    craft: CraftConfig = Field(default_factory=CraftConfig, description="craft* methods only.")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
 

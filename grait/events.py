@@ -13,6 +13,7 @@ from typing import Any, Literal
 # Stage names, in the order the pipeline runs them. Baselines skip the gradient stages.
 STAGES: tuple[str, ...] = (
     "knowledge_query",
+    "rehearsal",
     "warmup",
     "gradient_features",
     "selection",

@@ -14,7 +14,8 @@ from typing import Literal
 from grait.events import STAGES
 
 Refusals = Literal["none", "all", "ranked"]
-Ranking = Literal["gradient", "random", "stratified"]
+Ranking = Literal["gradient", "random", "stratified", "certainty", "correctness"]
+KnownOrder = Literal["correctness", "certainty"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class MethodSpec:
     ranking: Ranking | None = None  # how a `ranked` method orders the unknown candidates
     weighted: bool = False  # Stage 3 loss weights on the chosen refusals
     uses_stage1: bool = True
+    rehearsal: bool = False  # CRaFT's knowledge flow: drop unknowns a rehearsal makes answerable
+    known_order: KnownOrder = "correctness"  # which knowns a `knowledge.n_ik` budget keeps first
 
     @property
     def uses_features(self) -> bool:
@@ -36,6 +39,8 @@ class MethodSpec:
         wanted = {"training", "evaluation"}
         if self.uses_stage1:
             wanted.add("knowledge_query")
+        if self.rehearsal:
+            wanted.add("rehearsal")
         if self.refusals == "ranked":
             wanted.add("selection")
         if self.uses_features:
@@ -62,6 +67,29 @@ METHODS: dict[str, MethodSpec] = {
             "equal numbers of random unknowns from each cluster of their gradient features",
             "ranked",
             "stratified",
+        ),
+        MethodSpec(
+            "craft",
+            "CRaFT: unknowns the rehearsal does not make answerable, least certain first; "
+            "knowns most certain first",
+            "ranked",
+            "certainty",
+            rehearsal=True,
+            known_order="certainty",
+        ),
+        MethodSpec(
+            "craft-noflow",
+            "CRaFT without the rehearsal filter (certainty order only)",
+            "ranked",
+            "certainty",
+            known_order="certainty",
+        ),
+        MethodSpec(
+            "craft-nocert",
+            "CRaFT without certainty (the rehearsal filter, then correctness order)",
+            "ranked",
+            "correctness",
+            rehearsal=True,
         ),
         MethodSpec("rtuning", "all known with answers + all unknown as refusals (R-Tuning)", "all"),
         MethodSpec(

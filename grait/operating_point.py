@@ -31,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 
 from grait.config import JobConfig
+from grait.craft import KnowledgeSignals
 from grait.events import CancelCheck, Cancelled, PipelineEvent, ProgressCallback
 from grait.methods import method_spec
 from grait.ranking import Features, Ranking, rank_candidates, refusal_weights
@@ -241,6 +242,7 @@ def _restricted_ranking(
     unknown: list[int],
     known: list[int],
     kept: list[int],
+    signals: KnowledgeSignals | None = None,
 ) -> Ranking:
     """The method's ranking of `unknown`, computed as if the training set were only `rows`.
 
@@ -265,6 +267,7 @@ def _restricted_ranking(
         features=sub,
         cfg=config.selection,
         seed=config.seed,
+        signals=None if signals is None else signals.restricted(rows),
     )
 
 
@@ -278,6 +281,7 @@ def find_operating_point(
     fallback_budget: int,
     emit: ProgressCallback,
     should_cancel: CancelCheck,
+    signals: KnowledgeSignals | None = None,
 ) -> OperatingPoint:
     """Search the budget for `config.knowledge.auto`'s target (see the module docstring).
 
@@ -340,6 +344,7 @@ def find_operating_point(
         unknown=remaining_unknown,
         known=remaining_known,
         kept=kept,
+        signals=signals,
     )
     order = ranking.order
     n_rem = len(remaining_unknown)

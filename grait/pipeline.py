@@ -25,6 +25,7 @@ import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from grait.config import FitCheckConfig, JobConfig
+from grait.craft import KnowledgeSignals, known_by_certainty, rehearsal_rows
 from grait.data import QARecord, load_records, read_jsonl, take, write_jsonl
 from grait.evaluation import EvalRun, answer_and_score, model_entry
 from grait.events import (
@@ -91,13 +92,28 @@ class PipelineResult:
     warnings: list[dict[str, Any]] = field(default_factory=list)
 
 
+# Each stage seeds torch with seed + its offset. Fixed numbers rather than positions in
+# STAGES, so a stage added later (rehearsal) does not reseed, and so change, earlier runs.
+STAGE_SEED_OFFSET: dict[str, int] = {
+    "knowledge_query": 0,
+    "warmup": 1,
+    "gradient_features": 2,
+    "selection": 3,
+    "training": 4,
+    "evaluation": 5,
+    "rehearsal": 6,
+}
+assert set(STAGE_SEED_OFFSET) == set(STAGES)
+
+
 def config_hash(config: JobConfig) -> str:
     """Identifies a spec in its run directory.
 
     Groups added later count only when used, so a spec that does not use them hashes as it
     did before they existed and earlier run directories still resume: `knowledge.auto` when
-    `n_idk` is `auto`, `training.auto` when `epochs` is `auto`, `training.fit_check` when it
-    differs from its defaults (it changes warnings, never the adapter).
+    `n_idk` is `auto`, `craft` for the craft methods, `selection.neighbours`/`tilt` for the
+    neighbourhood strategy, `training.auto` when `epochs` is `auto`, `training.fit_check`
+    when it differs from its defaults (it changes warnings, never the adapter).
     """
     if config.training.max_steps is not None and config.training.epochs == "auto":
         # Fixed steps make epochs moot: hash as the number that was the default before
@@ -107,6 +123,10 @@ def config_hash(config: JobConfig) -> str:
     exclude: dict[str, Any] = {}
     if config.knowledge.n_idk != "auto":
         exclude["knowledge"] = {"auto"}
+    if not config.method.startswith("craft"):
+        exclude["craft"] = True
+    if config.selection.strategy != "neighbourhood":
+        exclude["selection"] = {"neighbours", "tilt"}
     unused = set()
     if config.training.epochs != "auto":
         unused.add("auto")
@@ -230,13 +250,15 @@ class _Run:
 # ---- stages ---------------------------------------------------------------------------------
 
 
-def _stage_knowledge(run: _Run, out: Path) -> dict[str, Any]:
+def _query_knowledge(
+    run: _Run, model: Any, records: list[QARecord], tick: Callable[[int], None]
+) -> list[KnowledgeResult]:
+    """Stage 1's question to `model` (the base, or the base with a rehearsal adapter)."""
     cfg = run.config
-    model, tok = run.model
-    tick = run.ticker("knowledge_query", len(run.train))
-    mcqa = [r for r in run.train if r.kind == "mcqa"]
-    oeqa = [r for r in run.train if r.kind == "oeqa"]
-    scorer = choose_scorer(cfg.knowledge.scorer, count_parameters(model))
+    tok = run.model[1]
+    mcqa = [r for r in records if r.kind == "mcqa"]
+    oeqa = [r for r in records if r.kind == "oeqa"]
+    scorer = choose_scorer(cfg.knowledge.scorer, count_parameters(run.model[0]))
     results: dict[str, KnowledgeResult] = {}
     if mcqa:
         for r in query_mcqa(
@@ -255,12 +277,21 @@ def _stage_knowledge(run: _Run, out: Path) -> dict[str, Any]:
             tick=lambda d: tick(offset + d),
         ):
             results[r.id] = r
-    ordered = [results[r.id] for r in run.train]
+    return [results[r.id] for r in records]
+
+
+def _stage_knowledge(run: _Run, out: Path) -> dict[str, Any]:
+    cfg = run.config
+    model, _ = run.model
+    tick = run.ticker("knowledge_query", len(run.train))
+    ordered = _query_knowledge(run, model, run.train, tick)
+    has_mcqa = any(r.kind == "mcqa" for r in run.train)
+    scorer = choose_scorer(cfg.knowledge.scorer, count_parameters(model))
     split = split_known_unknown(ordered, cfg.knowledge)
     write_jsonl(out / "knowledge.jsonl", (r.to_json() for r in ordered))
     (out / "split.json").write_text(json.dumps(split.__dict__))
     return {
-        "scorer": scorer if mcqa else "sampling",
+        "scorer": scorer if has_mcqa else "sampling",
         "n_train": len(ordered),
         "n_ik": len(split.ik_all),
         "n_idk": len(split.idk_all),
@@ -272,6 +303,107 @@ def _stage_knowledge(run: _Run, out: Path) -> dict[str, Any]:
 
 def _split(run: _Run) -> dict[str, Any]:
     return json.loads((run.stage_dir("knowledge_query") / "split.json").read_text())
+
+
+def _stage1_results(run: _Run) -> list[dict[str, Any]]:
+    return read_jsonl(run.stage_dir("knowledge_query") / "knowledge.jsonl")
+
+
+def _stage_rehearsal(run: _Run, out: Path) -> dict[str, Any]:
+    """CRaFT's knowledge flow: rehearse on the surest knowns, ask the unknowns again.
+
+    The rehearsal adapter is thrown away; what stays is each unknown's correctness change
+    (`flow.jsonl`), which the selection reads (`grait.craft`).
+    """
+    cfg = run.config
+    craft = cfg.craft
+    split = _split(run)
+    stage1 = _stage1_results(run)
+    correctness = [float(r["correctness"]) for r in stage1]
+    certainty = [float(r["certainty"]) for r in stage1]
+    rows = rehearsal_rows(correctness, certainty, split["ik_all"], craft)
+    unknown: list[int] = split["idk_all"]
+    model, tok = run.model
+    examples = [
+        WeightedExample(run.encode(run.train[i], run.train[i].answer_text), 1.0) for i in rows
+    ]
+    settings = TrainSettings(
+        epochs=craft.rehearsal_epochs,
+        learning_rate=craft.rehearsal_learning_rate,
+        batch_size=cfg.training.batch_size,
+        lr_scheduler="constant",
+        grad_clip=cfg.training.grad_clip,
+        seed=cfg.seed,
+    )
+    after: list[KnowledgeResult] = []
+    with attached_lora(model, spec=cfg.lora) as peft_model:
+        if examples:
+            train_weighted(
+                peft_model,
+                tok,
+                examples,
+                settings,
+                work_dir=out / "hf",
+                on_step=lambda d, t: run.emit(
+                    PipelineEvent("progress", "rehearsal", done=d, total=t + len(unknown))
+                ),
+                should_cancel=run.should_cancel,
+            )
+        peft_model.eval()
+        steps = math.ceil(len(examples) / settings.batch_size * settings.epochs) if examples else 0
+        tick = run.ticker("rehearsal", steps + len(unknown))
+        after = _query_knowledge(
+            run, peft_model, [run.train[i] for i in unknown], lambda d: tick(steps + d)
+        )
+    shutil.rmtree(out / "hf", ignore_errors=True)
+    flow = []
+    for row, res in zip(unknown, after):
+        delta = res.correctness - correctness[row]
+        flow.append(
+            {
+                "id": run.train[row].id,
+                "row": row,
+                "correctness_before": correctness[row],
+                "correctness_after": res.correctness,
+                "delta": delta,
+                "eligible": delta <= craft.max_delta,
+            }
+        )
+    write_jsonl(out / "flow.jsonl", flow)
+    deltas = [f["delta"] for f in flow]
+    return {
+        "rehearsed": len(rows),
+        "unknowns": len(unknown),
+        "made_answerable": sum(not f["eligible"] for f in flow),
+        "eligible": sum(f["eligible"] for f in flow),
+        "mean_delta": float(np.mean(deltas)) if deltas else None,
+    }
+
+
+def _signals(run: _Run) -> KnowledgeSignals:
+    """Stage 1's correctness/certainty per training row, and the rehearsal's change if run."""
+    stage1 = _stage1_results(run)
+    delta = None
+    if method_spec(run.config.method).rehearsal:
+        delta = np.zeros(len(stage1))
+        for f in read_jsonl(run.stage_dir("rehearsal") / "flow.jsonl"):
+            delta[f["row"]] = f["delta"]
+    return KnowledgeSignals(
+        np.array([float(r["correctness"]) for r in stage1]),
+        np.array([float(r["certainty"]) for r in stage1]),
+        delta,
+        run.config.craft.max_delta,
+    )
+
+
+def _kept_known(run: _Run, split: dict[str, Any]) -> list[int]:
+    """The knowns trained with their answers: Stage 1's cut, or CRaFT's most-certain cut."""
+    if method_spec(run.config.method).known_order != "certainty":
+        return list(split["ik_kept"])
+    sig = _signals(run)
+    return known_by_certainty(
+        split["ik_all"], sig.correctness, sig.certainty, run.config.knowledge.n_ik
+    )
 
 
 def _rait_target(run: _Run, index: int, split: dict[str, Any]) -> str:
@@ -415,13 +547,15 @@ def _stage_selection(run: _Run, out: Path) -> dict[str, Any]:
     cfg = run.config
     spec = method_spec(cfg.method)
     split = _split(run)
+    split = {**split, "ik_kept": _kept_known(run, split)}
     idk_rows: list[int] = split["idk_all"]
     features = load_features(run.run_dir) if spec.uses_features else None
+    signals = _signals(run) if spec.ranking in ("certainty", "correctness") else None
     # From the spec, not from split.json: runs that share Stage 1 may differ in budget.
     budget = refusal_budget(cfg.knowledge, len(split["ik_kept"]), len(idk_rows))
     auto: OperatingPoint | None = None
     if cfg.knowledge.n_idk == "auto":
-        auto = _auto_budget(run, out, split, features, fallback=budget)
+        auto = _auto_budget(run, out, split, features, signals, fallback=budget)
         budget = auto.budget
     assert spec.ranking is not None
     ranking = rank_candidates(
@@ -431,6 +565,7 @@ def _stage_selection(run: _Run, out: Path) -> dict[str, Any]:
         features=features,
         cfg=cfg.selection,
         seed=cfg.seed,
+        signals=signals,
     )
     picked = ranking.order[:budget]
     weights = refusal_weights(ranking, picked, cfg.weighting, weighted=spec.weighted)
@@ -453,9 +588,17 @@ def _stage_selection(run: _Run, out: Path) -> dict[str, Any]:
     write_jsonl(out / "selection.jsonl", rows)
     chosen = [idk_rows[c] for c in picked]
     (out / "selected.json").write_text(
-        json.dumps({"rows": chosen, "weights": [float(x) for x in weights]})
+        json.dumps(
+            {
+                "rows": chosen,
+                "weights": [float(x) for x in weights],
+                "known_rows": split["ik_kept"],
+            }
+        )
     )
     metrics: dict[str, Any] = {"candidates": len(idk_rows), "selected": len(chosen)}
+    if len(ranking.order) < len(idk_rows):
+        metrics["eligible"] = len(ranking.order)
     if len(weights):
         metrics.update(weight_min=float(np.min(weights)), weight_max=float(np.max(weights)))
     if auto is not None:
@@ -466,7 +609,13 @@ def _stage_selection(run: _Run, out: Path) -> dict[str, Any]:
 
 
 def _auto_budget(
-    run: _Run, out: Path, split: dict[str, Any], features: Features | None, *, fallback: int
+    run: _Run,
+    out: Path,
+    split: dict[str, Any],
+    features: Features | None,
+    signals: KnowledgeSignals | None,
+    *,
+    fallback: int,
 ) -> OperatingPoint:
     """`n_idk: auto`: trial LoRAs with the job's own training settings, probed on a hold-out."""
     cfg = run.config
@@ -483,7 +632,7 @@ def _auto_budget(
         examples = [example(i, run.train[i].answer_text, 1.0) for i in known]
         examples += [example(i, cfg.refusal, w) for i, w in refusals]
         # The seed the training stage will use, so a trial starts from the same LoRA init.
-        set_seed(cfg.seed + STAGES.index("training"))
+        set_seed(cfg.seed + STAGE_SEED_OFFSET["training"])
         work = out / "auto_hf"
         with attached_lora(model, spec=cfg.lora) as peft_model:
             train_weighted(
@@ -516,6 +665,7 @@ def _auto_budget(
         fallback_budget=fallback,
         emit=run.emit,
         should_cancel=run.should_cancel,
+        signals=signals,
     )
     write_operating_point(out / OPERATING_POINT, point)
     return point
@@ -532,7 +682,9 @@ def _training_set(run: _Run) -> list[tuple[int, str, str, float]]:
         known = [(i, "ik", run.train[i].answer_text, 1.0) for i in split["ik_all"]]
         return known + [(i, "idk", cfg.refusal, 1.0) for i in split["idk_all"]]
     chosen = json.loads((run.stage_dir("selection") / "selected.json").read_text())
-    known = [(i, "ik", run.train[i].answer_text, 1.0) for i in split["ik_kept"]]
+    # Selections written before `known_rows` existed kept Stage 1's cut.
+    kept = chosen.get("known_rows", split["ik_kept"])
+    known = [(i, "ik", run.train[i].answer_text, 1.0) for i in kept]
     return known + [(i, "idk", cfg.refusal, w) for i, w in zip(chosen["rows"], chosen["weights"])]
 
 
@@ -804,7 +956,7 @@ def run_pipeline(
     run = _Run(config, run_dir, emit, cancel)
     wanted = stages_for(config.method)
     timings = {s: manifest["stages"][s]["seconds"] for s in STAGES if s in manifest["stages"]}
-    for index, stage in enumerate(STAGES):
+    for stage in STAGES:
         if stage not in wanted:
             emit(
                 PipelineEvent("stage_skipped", stage, message=f"not used by method {config.method}")
@@ -823,7 +975,7 @@ def run_pipeline(
         out = run.stage_dir(stage)
         shutil.rmtree(out, ignore_errors=True)  # leftovers of an attempt that died mid-stage
         out.mkdir(parents=True)
-        set_seed(config.seed + index)
+        set_seed(config.seed + STAGE_SEED_OFFSET[stage])
         emit(PipelineEvent("stage_started", stage))
         started = time.perf_counter()
         if stage == "evaluation":
@@ -847,6 +999,7 @@ def run_pipeline(
 
 _STAGE_FUNCS: dict[str, Callable[[_Run, Path], dict[str, Any]]] = {
     "knowledge_query": _stage_knowledge,
+    "rehearsal": _stage_rehearsal,
     "warmup": _stage_warmup,
     "gradient_features": _stage_features,
     "selection": _stage_selection,

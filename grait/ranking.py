@@ -10,6 +10,8 @@ nested budgets comparable. Rankings:
   Strategy `neighbourhood`: a random order tilted towards candidates whose nearest training
   questions (by centred refusal feature) are mostly unknown (`selection.unknown_share`).
 - `stratified`: round robin over spherical k-means clusters of the same centred features.
+- `certainty` / `correctness` (CRaFT, `grait.craft`): the unknowns its rehearsal did not
+  make answerable, least certain (or least correct) first.
 - `random`: a seeded uniform order (the `neighbourhood` keys at tilt 0).
 
 Every gradient ranking also records the paper's influence terms per candidate, so users can
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from grait.config import SelectionConfig, WeightingConfig
+from grait.craft import KnowledgeSignals, refusal_order
 from grait.selection import (
     RowView,
     centre_features,
@@ -65,9 +68,25 @@ def rank_candidates(
     features: Features | None,
     cfg: SelectionConfig,
     seed: int,
+    signals: KnowledgeSignals | None = None,
 ) -> Ranking:
-    """The full pick order of the unknowns for ranking `kind` (see the module docstring)."""
+    """The pick order of the unknowns for ranking `kind` (see the module docstring).
+
+    Every ranking orders all candidates except CRaFT's, which leaves out the unknowns its
+    rehearsal made more answerable (`signals`, from Stage 1 and the rehearsal).
+    """
     n = len(idk_rows)
+    if kind in ("certainty", "correctness"):
+        if signals is None:
+            raise ValueError(f"ranking {kind!r} needs Stage 1's knowledge signals")
+        rows = list(idk_rows)
+        terms = {
+            "certainty": signals.certainty[rows].astype(float),
+            "correctness": signals.correctness[rows].astype(float),
+        }
+        if signals.delta is not None:
+            terms["delta"] = signals.delta[rows].astype(float)
+        return Ranking(refusal_order(kind, rows, signals), terms)
     if kind == "random":
         # The neighbourhood strategy's keys at tilt 0: with the same seed, its order is this
         # one tilted (common random numbers make the paired comparison less noisy).

@@ -175,6 +175,14 @@ def train_cell(
         if s in method_spec(method).stages
     )
     link_stages(shared, run_dir, config, wanted)
+    if "rehearsal" in method_spec(method).stages:
+        # CRaFT's rehearsal depends on Stage 1 only: once per seed, shared by every budget
+        # and by craft and craft-nocert.
+        flow_dir = shared.parent / "rehearsal"
+        flow_config = config_for(seed_job, "craft", seed, ALL)
+        link_stages(shared, flow_dir, flow_config, ("knowledge_query",))
+        run_pipeline(flow_config, flow_dir, until="rehearsal")
+        link_stages(flow_dir, run_dir, config, ("rehearsal",))
     run_pipeline(config, run_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     return {s: e["seconds"] for s, e in manifest["stages"].items() if "shared_from" not in e}

@@ -89,7 +89,8 @@ def summarise_profile(result: dict[str, Any], n_boot: int) -> dict[str, Any]:
             entry["area"][m] = hierarchical_ci(seeds, area_of(m), n_boot=n_boot)
         for m in methods:
             for other in methods:
-                if m != other and m.startswith("grait"):
+                # grait against everything; every other ranked method against random-idk.
+                if m != other and (m.startswith("grait") or other == "random-idk"):
                     entry["area_diff"][f"{m} - {other}"] = hierarchical_ci(
                         seeds, area_difference(m, other), n_boot=n_boot
                     )

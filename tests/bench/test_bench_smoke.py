@@ -166,6 +166,28 @@ def test_tradeoff_smoke_writes_curves_areas_and_plots(tmp_path: Path) -> None:
     ]
 
 
+def test_tradeoff_smoke_runs_craft_with_one_rehearsal_per_seed(tmp_path: Path) -> None:
+    from bench.quality.cli import main
+
+    argv = ["--setting", "tradeoff", "--smoke", "--seeds", "1", "--profiles", "topic"]
+    argv += ["--methods", "craft,craft-nocert,random-idk", "--eval-sets", "id"]
+    assert main([*argv, "--results-dir", str(tmp_path), "--bootstrap", "20"]) == 0
+    summary = json.loads((tmp_path / "smoke-tradeoff" / "summary.json").read_text())
+    entry = summary["summaries"][0]["eval"]["id"]
+    assert {"craft - random-idk", "craft-nocert - random-idk"} <= set(entry["area_diff"])
+    (result,) = summary["results"]
+    craft_cells = [c for c in result["cells"] if c["method"].startswith("craft")]
+    assert craft_cells and all(len(c["picked"]) <= c["budget"] for c in craft_cells)
+    # The rehearsal ran once for the seed; every craft cell links it instead of training again.
+    (profile_dir,) = (tmp_path / "work" / "smoke-tradeoff").glob("topic-*")
+    seed_dir = profile_dir / "seed0"
+    assert (seed_dir / "rehearsal" / "rehearsal" / "flow.jsonl").exists()
+    for method in ("craft", "craft-nocert"):
+        for cell_dir in (seed_dir / method).iterdir():
+            manifest = json.loads((cell_dir / "manifest.json").read_text())
+            assert "shared_from" in manifest["stages"]["rehearsal"]
+
+
 def test_fit_smoke_reads_the_fit_check_at_every_checkpoint(tmp_path: Path) -> None:
     from bench.fit import main
 
