@@ -89,7 +89,7 @@ class JobCreate(BaseModel):
         "refusals at equal budget (README, Quality), and it needs no gradient stage. `grait` "
         "and every baseline the library offers are a name away. With "
         '`hyperparameters.knowledge.n_idk: "auto"` a ranked method (grait, grait-noweight, '
-        "random-idk, stratified-random) picks its refusal budget by "
+        "random-idk, stratified-random, craft and its ablations) picks its refusal budget by "
         "`knowledge.auto.max_over_refusal`.",
     )
     base_model: Text = Field(
