@@ -84,9 +84,10 @@ def test_invalid_job_spec_is_422_naming_the_param(
         ("grait", {"knowledge": {"n_idk": "auto", "auto": {"max_over_refusal": 0.1}}}),
         ("stratified-random", {}),
         ("stratified-random", {"knowledge": {"n_idk": "auto"}}),
+        ("craft-nocert", {"craft": {"rehearsal_epochs": 2}}),
     ],
 )
-def test_auto_budget_and_stratified_random_jobs_are_accepted(
+def test_auto_budget_stratified_random_and_craft_jobs_are_accepted(
     client: httpx.Client,
     datasets: dict[str, str],
     no_worker: Worker,
@@ -105,6 +106,8 @@ def test_auto_budget_and_stratified_random_jobs_are_accepted(
     assert knowledge["auto"]["max_over_refusal"] == wanted.get("auto", {}).get(
         "max_over_refusal", 0.05
     )
+    if "craft" in hyperparameters:
+        assert job["hyperparameters"]["craft"]["rehearsal_epochs"] == 2
     client.post(f"/v1/jobs/{job['id']}/cancel")
 
 

@@ -321,9 +321,15 @@ def test_cancel_of_a_queued_job_and_its_file_in_use(
             "type": "stratified-random",
             "stratified-random": {"hyperparameters": {"knowledge": {"n_idk": "auto"}}},
         },
+        {
+            "type": "craft",
+            "craft": {
+                "hyperparameters": {"knowledge": {"n_idk": "auto"}, "craft": {"max_delta": -0.05}}
+            },
+        },
     ],
 )
-def test_auto_budget_and_stratified_random_jobs_are_accepted_through_the_openai_client(
+def test_auto_budget_stratified_random_and_craft_jobs_are_accepted_through_the_openai_client(
     oai: openai.OpenAI,
     client: httpx.Client,
     uploaded: dict[str, str],
