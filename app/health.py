@@ -17,8 +17,8 @@ from sqlalchemy import text
 
 from app.db import request_gate, session_factory
 from app.errors import ErrorResponse, error_body
+from app.jobs.lifecycle import JOB_STATUSES
 from app.jobs.service import count_by_status
-from app.models import JOB_STATUSES
 from app.settings import Settings, get_settings
 
 router = APIRouter(tags=["health"])

@@ -28,10 +28,6 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-JOB_STATUSES = ("validating", "queued", "running", "succeeded", "failed", "cancelled")
-ACTIVE_STATUSES = ("validating", "queued", "running")
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
-
 
 def new_id(prefix: str) -> str:
     """`prefix-` + 12 hex digits of milliseconds + 8 random hex digits: sortable, unique."""

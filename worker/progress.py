@@ -11,73 +11,14 @@ import threading
 import time
 from typing import Any, Self
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from app.db import short_session
-from app.models import Job, JobEvent, utcnow
-from app.settings import Settings
+from app.jobs.lifecycle import Fenced, JobStatus
+from app.models import Job, JobEvent
 from grait.events import PipelineEvent
 
 log = logging.getLogger(__name__)
-
-
-class Fenced:
-    """The claim of one attempt on a job: which job, which attempt, and its lease.
-
-    Every fenced write that lands renews the lease. When none has landed for the stale
-    window less two heartbeats (the database unreachable, say), the lease expires: the
-    attempt stops by itself at its next step, around when the sweeper may judge it dead and
-    start another attempt, instead of computing on beside it. (Each attempt has its own run
-    folder and artifact keys and every write is fenced, so a step of overlap changes nothing
-    a user sees.)
-    """
-
-    def __init__(self, job_id: str, attempt: int, settings: Settings):
-        self.job_id = job_id
-        self.attempt = attempt
-        self.settings = settings
-        self.lost = threading.Event()
-        self.lease_seconds = max(
-            settings.stale_after_seconds - 2 * settings.heartbeat_seconds,
-            settings.stale_after_seconds / 2,
-        )
-        self.renewed = time.monotonic()
-
-    def expired(self) -> bool:
-        """True once the lease ran out (and from then on: `lost` is set)."""
-        if not self.lost.is_set() and time.monotonic() - self.renewed > self.lease_seconds:
-            log.error(
-                "job %s attempt %s: no write landed for %.0f s; giving the job up (the "
-                "sweeper may re-queue it elsewhere)",
-                self.job_id,
-                self.attempt,
-                self.lease_seconds,
-            )
-            self.lost.set()
-        return self.lost.is_set()
-
-    def update_job(self, session: Any, **values: Any) -> bool:
-        result = session.execute(
-            update(Job)
-            .where(Job.id == self.job_id, Job.status == "running", Job.attempts == self.attempt)
-            .values(**values)
-        )
-        if result.rowcount == 0:
-            self.lost.set()
-            return False
-        self.renewed = time.monotonic()
-        return True
-
-    def write(
-        self, *, job_values: dict[str, Any] | None = None, events: list[JobEvent] | None = None
-    ) -> bool:
-        if self.lost.is_set():
-            return False
-        with short_session(self.settings) as session:
-            ok = self.update_job(session, heartbeat_at=utcnow(), **(job_values or {}))
-            if ok and events:
-                session.add_all(events)
-            return ok
 
 
 class ProgressReporter:
@@ -256,7 +197,7 @@ class CancelFlag:
         except Exception:  # a DB blip is not a cancel
             log.exception("could not read the cancel flag of job %s", self.fence.job_id)
             return False
-        if row is None or row.status != "running" or row.attempts != self.fence.attempt:
+        if row is None or row.status != JobStatus.RUNNING or row.attempts != self.fence.attempt:
             self.fence.lost.set()
             return True
         self.cancelled = bool(row.cancel_requested)

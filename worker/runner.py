@@ -15,19 +15,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from app.db import short_session
 from app.jobs.config import build_job_config
-from app.models import Artifact, Dataset, Job, JobEvent, new_id, utcnow
+from app.jobs.lifecycle import Fenced, JobStatus, claim, finish
+from app.models import Artifact, Dataset, Job, new_id
 from app.settings import Settings
 from app.storage import Storage, get_storage
-from app.webhooks.outbox import enqueue_terminal
 from grait.config import JobConfig
 from grait.data import DataError
 from grait.events import Cancelled
-from worker.progress import CancelFlag, Fenced, Heartbeat, ProgressReporter
+from worker.progress import CancelFlag, Heartbeat, ProgressReporter
 
 log = logging.getLogger(__name__)
 
@@ -41,42 +41,6 @@ CONTENT_TYPES = {
     "operating_point": "application/json",
     "operating_point_plot": "image/png",
 }
-
-
-def claim(job_id: str, *, worker_name: str, settings: Settings) -> int | None:
-    """queued -> running for this worker; the new attempt number, or None if not ours to run."""
-    now = utcnow()
-    with short_session(settings) as session:
-        job = session.get(Job, job_id)
-        if job is None or job.status != "queued":
-            return None
-        attempt = job.attempts + 1
-        won = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == "queued", Job.attempts == job.attempts)
-            .values(
-                status="running",
-                attempts=attempt,
-                worker=worker_name,
-                heartbeat_at=now,
-                started_at=job.started_at or now,
-                eta_seconds=None,
-            )
-        ).rowcount
-        if not won:
-            return None
-        resumed = " (resuming from the last completed stage)" if attempt > 1 else ""
-        session.add(
-            JobEvent(
-                job_id=job_id,
-                type="status",
-                level="info",
-                stage=None,
-                message=f"Started on {worker_name}, attempt {attempt} of {settings.max_attempts}{resumed}.",
-                data={"status": "running", "attempt": attempt, "worker": worker_name},
-            )
-        )
-        return attempt
 
 
 def time_limit(job_id: str, settings: Settings) -> int:
@@ -143,59 +107,6 @@ def _classify(exc: BaseException) -> tuple[str, str]:
             f"{name}: {exc}. Lower training.batch_size / knowledge.batch_size or use a smaller model.",
         )
     return "internal_error", f"{name}: {exc}"
-
-
-def finish(
-    fence: Fenced,
-    *,
-    status: str,
-    error: tuple[str, str] | None = None,
-    artifacts: list[Artifact] | None = None,
-    data: dict[str, Any] | None = None,
-    warnings: list[dict[str, Any]] | None = None,
-) -> bool:
-    now = utcnow()
-    values: dict[str, Any] = {
-        "status": status,
-        "finished_at": now,
-        "heartbeat_at": now,
-        "eta_seconds": None,
-    }
-    if status == "succeeded":
-        values.update(percent=100.0, stage=None)
-    if error:
-        values.update(error_code=error[0], error_message=error[1])
-    if warnings is not None:
-        values["warnings"] = warnings
-    codes = sorted({w["code"] for w in warnings or []})
-    message = {
-        "succeeded": f"Job succeeded with warnings: {', '.join(codes)}."
-        if codes
-        else "Job succeeded.",
-        "cancelled": "Job cancelled at a step boundary.",
-    }.get(status, f"Job failed: {error[1] if error else 'unknown error'}")
-    with short_session(fence.settings) as session:
-        if not fence.update_job(session, **values):
-            return False
-        if artifacts is not None:
-            session.execute(delete(Artifact).where(Artifact.job_id == fence.job_id))
-            session.add_all(artifacts)
-        enqueue_terminal(session, job_id=fence.job_id, status=status, error=error)
-        session.add(
-            JobEvent(
-                job_id=fence.job_id,
-                type="status",
-                level="error" if status == "failed" else "info",
-                stage=None,
-                message=message,
-                data={
-                    "status": status,
-                    **({"error_code": error[0]} if error else {}),
-                    **(data or {}),
-                },
-            )
-        )
-    return True
 
 
 def attempt_prefix(job_id: str, attempt: int) -> str:
@@ -272,10 +183,12 @@ def run_job(job_id: str, *, worker_name: str, settings: Settings) -> str:
     limit = time_limit(job_id, settings)
     flag = CancelFlag(fence, deadline=time.monotonic() + limit)
     try:
-        from grait.pipeline import RunDirConflict, run_pipeline, stages_for
-
-        # The heartbeat (and with it the lease) covers storing the artifacts and the finish.
+        # The heartbeat (and with it the lease) covers everything from here: the first
+        # import of torch in a cold worker (seconds, more on a busy CPU) as much as storing
+        # the artifacts and the finish.
         with Heartbeat(fence):
+            from grait.pipeline import RunDirConflict, run_pipeline, stages_for
+
             run_dir = attempt_run_dir(settings.runs_dir, job_id, attempt)
             config = load_config(job_id, settings=settings, storage=storage)
             stages = tuple(
@@ -295,7 +208,7 @@ def run_job(job_id: str, *, worker_name: str, settings: Settings) -> str:
             artifacts = store_artifacts(job_id, suffix, result, storage=storage, attempt=attempt)
             finished = finish(
                 fence,
-                status="succeeded",
+                status=JobStatus.SUCCEEDED,
                 artifacts=artifacts,
                 data={"timings": result.timings},
                 warnings=result.warnings,
@@ -315,11 +228,11 @@ def run_job(job_id: str, *, worker_name: str, settings: Settings) -> str:
                 f"The job ran past its time limit of {limit} s "
                 "(time_limit_seconds, at most GRAIT_MAX_JOB_SECONDS) and was stopped."
             )
-            finish(fence, status="failed", error=("time_limit_exceeded", message))
+            finish(fence, status=JobStatus.FAILED, error=("time_limit_exceeded", message))
             return "failed"
         finish(
             fence,
-            status="cancelled",
+            status=JobStatus.CANCELLED,
             error=("cancelled", "Cancelled by request at a step boundary."),
         )
         return "cancelled"
@@ -328,5 +241,5 @@ def run_job(job_id: str, *, worker_name: str, settings: Settings) -> str:
             log.warning("job %s attempt %s lost its lease (%s); stopping", job_id, attempt, exc)
             return "lost"
         log.exception("job %s failed", job_id)
-        finish(fence, status="failed", error=classify_failure(exc))
+        finish(fence, status=JobStatus.FAILED, error=classify_failure(exc))
         return "failed"

@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session
 
 from app.errors import APIError, not_found
 from app.idempotency import Idempotency
-from app.models import ACTIVE_STATUSES, Dataset, Job, JobDataset, new_id
+from app.jobs.lifecycle import ACTIVE_STATUSES
+from app.models import Dataset, Job, JobDataset, new_id
 from app.storage import Storage
 from grait.data import FORMATS, DataError, detect_format, load_records
 

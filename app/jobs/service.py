@@ -10,18 +10,20 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import case, func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from app.errors import APIError, loc_to_param, not_found
 from app.idempotency import Idempotency, run_idempotent
+from app.jobs import lifecycle
 from app.jobs.config import build_job_config
+from app.jobs.lifecycle import WAITING_STATUSES, JobStatus
 from app.jobs.schemas import EVENT_PREFIX, DatasetRef, JobCreate
-from app.models import Artifact, Dataset, Job, JobDataset, JobEvent, Tenant, new_id, utcnow
+from app.models import Artifact, Dataset, Job, JobDataset, JobEvent, Tenant, new_id
 from app.queue import publish_job
 from app.settings import Settings
 from app.storage import Storage
-from app.webhooks.service import check_webhook_url, enqueue_terminal
+from app.webhooks.service import check_webhook_url
 from grait.registry import KNOWN_MODELS
 
 
@@ -125,7 +127,7 @@ def create_job(
         tenant_id=tenant_id,
         webhook_url=request.webhook_url,
         time_limit_seconds=request.time_limit_seconds,
-        status="validating",
+        status=JobStatus.VALIDATING,
         method=request.method,
         base_model=request.base_model,
         seed=request.seed,
@@ -147,8 +149,7 @@ def create_job(
         )
     session.add(job)
     session.flush()
-    job.status = "queued"
-    session.add(_event(job.id, "status", "Job validated and queued.", data={"status": "queued"}))
+    lifecycle.queue(session, job)
     if idempotency is not None:
         session.add(idempotency.record(job.id))
     session.commit()
@@ -167,7 +168,7 @@ def _check_queue_room(*, session: Session, settings: Settings, tenant_id: str) -
     waiting = session.scalar(
         select(func.count())
         .select_from(Job)
-        .where(Job.tenant_id == tenant_id, Job.status.in_(("validating", "queued")))
+        .where(Job.tenant_id == tenant_id, Job.status.in_(WAITING_STATUSES))
     )
     if waiting is not None and waiting >= settings.max_queued_jobs_per_tenant:
         raise APIError(
@@ -242,7 +243,7 @@ def submit_job(
 
 
 def mark_published(*, session: Session, job_id: str) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+    lifecycle.mark_published(session, job_id)
     session.commit()
 
 
@@ -285,61 +286,13 @@ def list_jobs(
 
 
 def cancel_job(*, session: Session, tenant_id: str, job_id: str) -> Job:
-    """Queued: cancelled now. Running: flag it; the worker stops at the next step boundary.
-
-    One conditional UPDATE does whichever applies to the status at that instant, so a worker
-    claiming (or the sweeper re-queuing) the job at the same moment cannot make the cancel
-    miss both cases.
-    """
+    """Queued: cancelled now. Running: flagged; the worker stops at the next step boundary
+    (`lifecycle.request_cancel`). Finished: 409."""
     get_job(session=session, tenant_id=tenant_id, job_id=job_id)  # 404 for unknown / other
-    waiting = Job.status.in_(("validating", "queued"))
-
-    def when_waiting(value: Any, otherwise: Any) -> Any:
-        return case((waiting, value), else_=otherwise)
-
-    message = "Cancelled before it started."
-    row = session.execute(
-        update(Job)
-        .where(
-            Job.id == job_id,
-            Job.status.in_(("validating", "queued", "running")),
-            ~((Job.status == "running") & Job.cancel_requested.is_(True)),
-        )
-        .values(
-            cancel_requested=True,
-            status=when_waiting("cancelled", Job.status),
-            error_code=when_waiting("cancelled", Job.error_code),
-            error_message=when_waiting(message, Job.error_message),
-            finished_at=when_waiting(utcnow(), Job.finished_at),
-            stage=when_waiting(None, Job.stage),
-            eta_seconds=when_waiting(None, Job.eta_seconds),
-        )
-        .returning(Job.status)
-    ).first()
-    if row is not None and row.status == "cancelled":
-        session.add(
-            _event(
-                job_id, "status", "Job cancelled before it started.", data={"status": "cancelled"}
-            )
-        )
-        enqueue_terminal(session, job_id=job_id, status="cancelled", error=("cancelled", message))
-    elif row is not None:
-        session.add(
-            _event(
-                job_id,
-                "status",
-                "Cancel requested; the job stops at the next step boundary.",
-                data={"status": "running", "cancel_requested": True},
-            )
-        )
-    else:
-        status = session.scalar(select(Job.status).where(Job.id == job_id))
-        if status in ("succeeded", "failed"):
-            session.rollback()
-            raise APIError(
-                409, "job_not_cancellable", f"Job {job_id} already {status}.", param="id"
-            )
-        # cancelled already, or running with the flag already set: nothing to add
+    outcome = lifecycle.request_cancel(session, job_id)
+    if outcome in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        session.rollback()
+        raise APIError(409, "job_not_cancellable", f"Job {job_id} already {outcome}.", param="id")
     session.commit()
     session.expire_all()
     return get_job(session=session, tenant_id=tenant_id, job_id=job_id)

@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session
 
 from app.db import in_request_session
 from app.jobs import service
+from app.jobs.lifecycle import TERMINAL_STATUSES
 from app.jobs.schemas import EventObject
-from app.models import TERMINAL_STATUSES
 from app.settings import Settings
 
 POLL_SECONDS = 0.5
