@@ -10,7 +10,7 @@ from app.deps import REQUIRE_KEY, PrincipalDep, SessionDep, SettingsDep, Storage
 from app.errors import ERROR_RESPONSES
 from app.idempotency import REPLAYED_HEADER, Idempotency, IdempotencyKeyHeader
 from app.jobs import service
-from app.jobs.schemas import ArtifactObject, EventObject, JobCreate, JobObject, JobStatus
+from app.jobs.schemas import ArtifactObject, EventObject, JobCreate, JobObject, StatusName
 from app.jobs.stream import event_stream
 from app.pagination import AfterQuery, LimitQuery, ListPage, page_of
 
@@ -55,7 +55,7 @@ def list_jobs(
     session: SessionDep,
     after: AfterQuery = None,
     limit: LimitQuery = 20,
-    status: Annotated[JobStatus | None, Query(description="Only jobs in this status.")] = None,
+    status: Annotated[StatusName | None, Query(description="Only jobs in this status.")] = None,
 ) -> dict:
     jobs = service.list_jobs(
         session=session, tenant_id=principal.tenant_id, after=after, limit=limit, status=status

@@ -12,6 +12,7 @@ from pydantic import (
     create_model,
 )
 
+from app.jobs.lifecycle import JobStatus
 from app.models import Artifact, Job, JobEvent
 from grait.config import DEFAULT_BASE_MODEL, JobConfig
 from grait.methods import METHOD_NAMES
@@ -19,7 +20,8 @@ from grait.methods import METHOD_NAMES
 # The library's table of methods, so a method it adds is accepted here without an edit.
 MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 
-JobStatus = Literal["validating", "queued", "running", "succeeded", "failed", "cancelled"]
+# The names from the lifecycle module, as a plain Literal for the OpenAPI schema.
+StatusName = Literal[tuple(s.value for s in JobStatus)]  # type: ignore[valid-type]
 ErrorCode = Literal[
     "out_of_memory", "invalid_dataset", "worker_lost", "internal_error", "cancelled"
 ]
@@ -137,7 +139,7 @@ class JobWarning(BaseModel):
 class JobObject(BaseModel):
     id: str
     object: Literal["grait.job"] = "grait.job"
-    status: JobStatus
+    status: StatusName
     method: str
     base_model: str
     train_dataset: str | None
