@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import health
+from app.dashboard import router as dashboard
 from app.datasets.router import router as datasets_router
 from app.embedded import EmbeddedWorker
 from app.errors import install_error_handlers
@@ -62,4 +63,6 @@ def create_app() -> FastAPI:
     app.include_router(webhooks_router)
     # The OpenAI-compatible face (/v1/files, /v1/fine_tuning/jobs) over the same services.
     app.include_router(openai_router)
+    # The web dashboard (/ui): pages over the same services, signed in by a cookie.
+    dashboard.install(app)
     return app

@@ -21,8 +21,19 @@ ensure_redis() {
   fi
   echo "Redis is not reachable at 127.0.0.1:6379" >&2
 }
+ensure_browser() {
+  # The dashboard's browser test drives Debian's headless Chromium.
+  command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 && return 0
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null \
+      || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null; } \
+      || true
+  fi
+  command -v chromedriver >/dev/null 2>&1 || echo "Chromium/chromedriver missing: the browser test will fail" >&2
+}
 ensure_postgres
 ensure_redis
+ensure_browser
 # The service tests fail (never skip) on a missing Postgres/Redis/redis-server here.
 export GRAIT_REQUIRE_SERVICES=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,335 @@
+"""The web dashboard (`/ui`): server-rendered pages over the same services as the API.
+
+Sign-in takes an API key once and keeps it in an HttpOnly, SameSite=Strict cookie (never in a
+URL, unreadable to page scripts; SameSite keeps other sites from posting the forms with it).
+Every page acts for that key's tenant exactly as the API does: another tenant's job is as
+unknown as a made-up id (a 404 page). Live updates come from the job's event stream
+(Server-Sent Events) and a small JSON poll of the jobs list; no front-end build.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Form, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from sqlalchemy.orm import Session
+
+from app.auth.service import Principal, authenticate
+from app.datasets import service as datasets
+from app.datasets.upload import accept_dataset_upload
+from app.db import in_request_session
+from app.deps import SettingsDep, StorageDep
+from app.errors import APIError
+from app.jobs import service as jobs
+from app.jobs.lifecycle import TERMINAL_STATUSES
+from app.jobs.schemas import EventObject, JobObject
+from app.jobs.stream import event_stream
+from app.settings import Settings
+from app.storage import Storage
+from grait.events import STAGES
+
+COOKIE = "grait_key"
+HERE = Path(__file__).parent
+templates = Jinja2Templates(directory=HERE / "templates")
+router = APIRouter(prefix="/ui", include_in_schema=False)
+
+
+class SignInRequired(Exception):
+    """No valid key in the cookie: the page answers with a redirect to the sign-in form."""
+
+
+def install(app: FastAPI) -> None:
+    """The dashboard's routes, its static files and its sign-in redirect."""
+    app.include_router(router)
+    app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="dashboard-static")
+
+    async def to_sign_in(request: Request, exc: Exception) -> RedirectResponse:
+        return RedirectResponse("/ui/login", status_code=303)
+
+    app.add_exception_handler(SignInRequired, to_sign_in)
+
+
+async def _principal(request: Request, settings: SettingsDep) -> Principal:
+    key = request.cookies.get(COOKIE)
+    if not key:
+        raise SignInRequired
+    principal = await in_request_session(
+        settings, lambda session: authenticate(session=session, key=key)
+    )
+    if principal is None:
+        raise SignInRequired
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(_principal)]
+
+
+def _page(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    return templates.TemplateResponse(request, name, context, status_code=status_code)
+
+
+def _not_found(request: Request, what: str) -> HTMLResponse:
+    return _page(request, "error.html", 404, title="Not found", message=f"No such {what}.")
+
+
+async def _run(settings: Settings, work: Any) -> Any:
+    return await in_request_session(settings, work)
+
+
+# ---- sign-in ----------------------------------------------------------------------------------
+
+
+@router.get("", response_class=RedirectResponse)
+def home() -> RedirectResponse:
+    return RedirectResponse("/ui/jobs", status_code=303)
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_form(request: Request) -> HTMLResponse:
+    return _page(request, "login.html", error=None)
+
+
+@router.post("/login", response_class=HTMLResponse, response_model=None)
+async def login(
+    request: Request, settings: SettingsDep, api_key: Annotated[str, Form()] = ""
+) -> HTMLResponse | RedirectResponse:
+    key = api_key.strip()
+    principal = (
+        await _run(settings, lambda session: authenticate(session=session, key=key))
+        if key
+        else None
+    )
+    if principal is None:
+        return _page(request, "login.html", 401, error="That API key is unknown or revoked.")
+    response = RedirectResponse("/ui/jobs", status_code=303)
+    response.set_cookie(
+        COOKIE,
+        key,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/ui",
+        max_age=12 * 3600,
+    )
+    return response
+
+
+@router.post("/logout", response_class=RedirectResponse)
+def logout() -> RedirectResponse:
+    response = RedirectResponse("/ui/login", status_code=303)
+    response.delete_cookie(COOKIE, path="/ui")
+    return response
+
+
+# ---- jobs -------------------------------------------------------------------------------------
+
+
+def _job_rows(session: Session, tenant_id: str) -> list[dict[str, Any]]:
+    rows = jobs.list_jobs(session=session, tenant_id=tenant_id, after=None, limit=100)[:100]
+    return [JobObject.of(row).model_dump(mode="json") for row in rows]
+
+
+@router.get("/jobs", response_class=HTMLResponse)
+async def jobs_page(request: Request, principal: PrincipalDep, settings: SettingsDep) -> Any:
+    rows = await _run(settings, lambda s: _job_rows(s, principal.tenant_id))
+    return _page(request, "jobs.html", jobs=rows)
+
+
+@router.get("/jobs.json")
+async def jobs_json(principal: PrincipalDep, settings: SettingsDep) -> dict[str, Any]:
+    """What the jobs page polls: status, stage, percent and ETA of the newest 100 jobs."""
+    rows = await _run(settings, lambda s: _job_rows(s, principal.tenant_id))
+    keys = ("id", "status", "stage", "percent", "eta_seconds", "method", "created_at")
+    return {"data": [{k: r[k] for k in keys} for r in rows]}
+
+
+def _timeline(events: list[dict[str, Any]], stages: list[str]) -> list[dict[str, Any]]:
+    """Per stage of the method: pending / running / done / skipped, with its duration."""
+    state = {s: {"stage": s, "state": "pending", "seconds": None} for s in stages}
+    for e in events:
+        stage, kind = e.get("stage"), e.get("type")
+        if stage not in state:
+            continue
+        if kind == "stage_started":
+            state[stage].update(state="running", started=e["created_at"])
+        elif kind == "stage_completed":
+            started = state[stage].get("started")
+            seconds = e["created_at"] - started if started is not None else None
+            state[stage].update(state="done", seconds=seconds)
+        elif kind == "stage_skipped" and state[stage]["state"] == "pending":
+            state[stage]["state"] = "skipped"
+    return list(state.values())
+
+
+def _read_artifact(storage: Storage, row: Any) -> Any:
+    path = storage.local_path(row.storage_key)
+    if row.kind == "report_json":
+        return json.loads(path.read_text())
+    if row.kind == "selection":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return None
+
+
+@router.get("/jobs/{job_id}", response_class=HTMLResponse)
+async def job_page(
+    job_id: str,
+    request: Request,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+) -> Any:
+    def load(session: Session) -> dict[str, Any] | None:
+        try:
+            job = jobs.get_job(session=session, tenant_id=principal.tenant_id, job_id=job_id)
+        except APIError:
+            return None
+        events = jobs.list_events(
+            session=session, tenant_id=principal.tenant_id, job_id=job_id, after=None, limit=2000
+        )
+        artifacts = jobs.list_artifacts(
+            session=session, tenant_id=principal.tenant_id, job_id=job_id
+        )
+        return {
+            "job": JobObject.of(job).model_dump(mode="json"),
+            "events": [EventObject.of(e).model_dump(mode="json") for e in events[:2000]],
+            "artifacts": [
+                {"id": a.id, "kind": a.kind, "filename": a.filename, "row": a} for a in artifacts
+            ],
+        }
+
+    data = await _run(settings, load)
+    if data is None:
+        return _not_found(request, "job")
+    report = selection = None
+    for artifact in data["artifacts"]:
+        if artifact["kind"] == "report_json":
+            report = _read_artifact(storage, artifact["row"])
+        elif artifact["kind"] == "selection":
+            selection = _read_artifact(storage, artifact["row"])
+    from grait.methods import method_spec  # torch-free: the method table only
+
+    stages = [s for s in STAGES if s in method_spec(data["job"]["method"]).stages]
+    picked = sorted(
+        (row for row in selection or [] if row.get("selected")), key=lambda r: r["rank"]
+    )
+    terms = sorted({k for row in picked for k in row} - {"id", "row", "selected", "rank", "weight"})
+    return _page(
+        request,
+        "job.html",
+        job=data["job"],
+        events=data["events"],
+        timeline=_timeline(data["events"], stages),
+        artifacts=data["artifacts"],
+        report=report,
+        picked=picked[:200],
+        terms=terms,
+        finished=data["job"]["status"] in TERMINAL_STATUSES,
+        now=int(time.time()),
+    )
+
+
+@router.post("/jobs/{job_id}/cancel", response_class=RedirectResponse, response_model=None)
+async def cancel(
+    job_id: str, request: Request, principal: PrincipalDep, settings: SettingsDep
+) -> RedirectResponse | HTMLResponse:
+    def work(session: Session) -> str | None:
+        try:
+            jobs.cancel_job(session=session, tenant_id=principal.tenant_id, job_id=job_id)
+        except APIError as exc:
+            return exc.message if exc.status == 409 else "not found"
+        return None
+
+    problem = await _run(settings, work)
+    if problem == "not found":
+        return _not_found(request, "job")
+    return RedirectResponse(f"/ui/jobs/{job_id}", status_code=303)
+
+
+@router.get("/jobs/{job_id}/events/stream")
+async def stream(
+    job_id: str, request: Request, principal: PrincipalDep, settings: SettingsDep
+) -> Any:
+    """The API's event stream for the signed-in tenant (EventSource sends the cookie)."""
+
+    def check(session: Session) -> None:
+        jobs.get_job(session=session, tenant_id=principal.tenant_id, job_id=job_id)
+
+    try:
+        await _run(settings, check)
+    except APIError:
+        return _not_found(request, "job")
+    after = request.headers.get("last-event-id")
+    return StreamingResponse(
+        event_stream(settings, tenant_id=principal.tenant_id, job_id=job_id, after=after),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.get("/jobs/{job_id}/artifacts/{artifact_id}", response_model=None)
+async def artifact(
+    job_id: str,
+    artifact_id: str,
+    request: Request,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+) -> FileResponse | HTMLResponse:
+    def work(session: Session) -> Any:
+        try:
+            return jobs.get_artifact(
+                session=session,
+                tenant_id=principal.tenant_id,
+                job_id=job_id,
+                artifact_id=artifact_id,
+            )
+        except APIError:
+            return None
+
+    row = await _run(settings, work)
+    if row is None:
+        return _not_found(request, "artifact")
+    return FileResponse(
+        storage.local_path(row.storage_key), media_type=row.content_type, filename=row.filename
+    )
+
+
+# ---- datasets ---------------------------------------------------------------------------------
+
+
+def _dataset_rows(session: Session, tenant_id: str) -> list[dict[str, Any]]:
+    rows = datasets.list_datasets(session=session, tenant_id=tenant_id, after=None, limit=100)
+    return [
+        {"id": d.id, "name": d.name, "format": d.format, "records": d.rows, "kind": d.kind}
+        for d in rows[:100]
+    ]
+
+
+@router.get("/datasets", response_class=HTMLResponse)
+async def datasets_page(request: Request, principal: PrincipalDep, settings: SettingsDep) -> Any:
+    rows = await _run(settings, lambda s: _dataset_rows(s, principal.tenant_id))
+    return _page(request, "datasets.html", datasets=rows, error=None, created=None)
+
+
+@router.post("/datasets", response_class=HTMLResponse)
+async def upload(
+    request: Request, principal: PrincipalDep, settings: SettingsDep, storage: StorageDep
+) -> Any:
+    """The API's upload path; a file that does not read shows its error (file, line, field)."""
+    error = created = None
+    status = 201
+    try:
+        row, _ = await accept_dataset_upload(
+            request, settings=settings, storage=storage, tenant_id=principal.tenant_id
+        )
+        created = row.id
+    except APIError as exc:
+        error, status = exc.message, exc.status
+    rows = await _run(settings, lambda s: _dataset_rows(s, principal.tenant_id))
+    return _page(request, "datasets.html", status, datasets=rows, error=error, created=created)

@@ -1,0 +1,162 @@
+"""The web dashboard over real HTTP, and once in a real browser (headless Chromium)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import Worker, make_key, tiny_job
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@contextmanager
+def _signed_in(api_url: str, key: str) -> Iterator[httpx.Client]:
+    """A cookie-keeping client signed in through the form, as a browser would be."""
+    with httpx.Client(base_url=api_url, timeout=30) as browser:
+        answer = browser.post("/ui/login", data={"api_key": key})
+        assert answer.status_code == 303 and answer.headers["location"] == "/ui/jobs"
+        yield browser
+
+
+def test_sign_in_keeps_the_key_in_an_httponly_strict_cookie(api_url: str, api_key: str) -> None:
+    with httpx.Client(base_url=api_url, timeout=30) as anonymous:
+        for method, path in [
+            ("GET", "/ui/jobs"),
+            ("GET", "/ui/jobs.json"),
+            ("GET", "/ui/jobs/job-x"),
+            ("GET", "/ui/jobs/job-x/events/stream"),
+            ("GET", "/ui/jobs/job-x/artifacts/file-x"),
+            ("POST", "/ui/jobs/job-x/cancel"),
+            ("GET", "/ui/datasets"),
+            ("POST", "/ui/datasets"),
+        ]:
+            away = anonymous.request(method, path, cookies={"grait_key": "gk-forged"})
+            assert away.status_code == 303, (method, path)
+            assert away.headers["location"] == "/ui/login"
+        wrong = anonymous.post("/ui/login", data={"api_key": "gk-not-a-key"})
+        assert wrong.status_code == 401 and "unknown or revoked" in wrong.text
+        right = anonymous.post("/ui/login", data={"api_key": api_key})
+    cookie = right.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie and "path=/ui" in cookie
+    assert api_key not in right.headers["location"]
+    with _signed_in(api_url, api_key) as browser:
+        assert browser.get("/ui/jobs").status_code == 200
+        assert browser.post("/ui/logout").headers["location"] == "/ui/login"
+        assert browser.get("/ui/jobs").status_code == 303  # the cookie is gone
+
+
+def test_pages_show_the_tenants_jobs_and_another_tenants_job_is_a_404_page(
+    api_url: str,
+    api_key: str,
+    client: httpx.Client,
+    datasets: dict[str, str],
+    tiny_model: Path,
+    service_env: dict[str, str],
+    no_worker: Worker,
+) -> None:
+    job = client.post("/v1/jobs", json=tiny_job(tiny_model, datasets)).json()
+    with _signed_in(api_url, api_key) as browser:
+        listing = browser.get("/ui/jobs")
+        assert f'href="/ui/jobs/{job["id"]}"' in listing.text
+        feed = browser.get("/ui/jobs.json").json()["data"]
+        assert {"id": job["id"], "status": "queued"}.items() <= feed[0].items()
+        page = browser.get(f"/ui/jobs/{job['id']}")
+        assert page.status_code == 200
+        for stage in ("knowledge_query", "gradient_features", "training", "evaluation"):
+            assert f'data-stage="{stage}"' in page.text
+        assert 'id="cancel"' in page.text
+        cancelled = browser.post(f"/ui/jobs/{job['id']}/cancel")
+        assert cancelled.status_code == 303
+        assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
+        assert 'id="cancel"' not in browser.get(f"/ui/jobs/{job['id']}").text
+    with _signed_in(api_url, make_key(service_env, "beta")) as other:
+        foreign = other.get(f"/ui/jobs/{job['id']}")
+        unknown = other.get("/ui/jobs/job-000000000000deadbeef")
+        assert foreign.status_code == unknown.status_code == 404
+        assert foreign.text.replace(job["id"], "") == unknown.text.replace(
+            "job-000000000000deadbeef", ""
+        )
+        assert job["id"] not in other.get("/ui/jobs").text
+        assert other.post(f"/ui/jobs/{job['id']}/cancel").status_code == 404
+
+
+def test_an_upload_that_does_not_read_shows_its_line(api_url: str, api_key: str) -> None:
+    bad = b'{"id": "q1", "question": "Q?", "answer": "A"}\n{"id": "q2", "question": \n'
+    with _signed_in(api_url, api_key) as browser:
+        answer = browser.post("/ui/datasets", files={"file": ("bad.jsonl", bad)})
+        assert answer.status_code == 422, answer.text
+        assert 'id="upload-error"' in answer.text and "line 2" in answer.text
+        good = b'{"id": "q1", "question": "Capital of France?", "answer": "Paris"}\n'
+        stored = browser.post("/ui/datasets", files={"file": ("good.jsonl", good)})
+        assert stored.status_code == 201 and 'id="upload-ok"' in stored.text
+
+
+def _chrome() -> Any:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (binary and driver):
+        pytest.fail("the browser test needs Debian's chromium and chromium-driver (setup.sh)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_a_job_followed_live_in_a_real_browser(
+    api_url: str,
+    api_key: str,
+    client: httpx.Client,
+    datasets: dict[str, str],
+    tiny_model: Path,
+    worker: Worker,
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = _chrome()
+    try:
+        browser.get(f"{api_url}/ui/jobs")
+        browser.find_element(By.ID, "api_key").send_keys(api_key)
+        browser.find_element(By.ID, "sign-in").click()
+        WebDriverWait(browser, 20).until(ec.url_contains("/ui/jobs"))
+        assert api_key not in browser.current_url
+        cookie = browser.get_cookie("grait_key")
+        assert cookie and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+        assert browser.execute_script("return document.cookie") == ""  # unreadable to scripts
+
+        job = client.post("/v1/jobs", json=tiny_job(tiny_model, datasets)).json()
+        # The list picks the new job up by itself (it polls), then the job page follows it.
+        WebDriverWait(browser, 30).until(
+            ec.presence_of_element_located((By.CSS_SELECTOR, f'tr[data-job="{job["id"]}"]'))
+        )
+        browser.get(f"{api_url}/ui/jobs/{job['id']}")
+        started = time.monotonic()
+        WebDriverWait(browser, 240).until(
+            ec.text_to_be_present_in_element((By.ID, "job-status"), "succeeded")
+        )
+        # The finished page (reloaded when the stream closed) has the report and artifacts.
+        WebDriverWait(browser, 30).until(
+            ec.presence_of_element_located((By.CSS_SELECTOR, "table.report"))
+        )
+        rows = browser.find_elements(By.CSS_SELECTOR, "#events tbody tr")
+        assert any("Job succeeded" in r.get_attribute("textContent") for r in rows)
+        done = browser.find_elements(By.CSS_SELECTOR, "#timeline li.stage-done")
+        assert {li.get_attribute("data-stage") for li in done} >= {"training", "evaluation"}
+        links = browser.find_elements(By.CSS_SELECTOR, "#artifacts a")
+        assert any(a.text.endswith(".tar.gz") for a in links)
+        assert time.monotonic() - started < 240
+    finally:
+        browser.quit()
