@@ -850,6 +850,31 @@ def _stage_evaluation(run: _Run, out: Path, timings: dict[str, float]) -> dict[s
         for name, recs in run.evals:
             runs[name][cfg.method] = answer(tuned, recs, True)
 
+    # Per question, base and tuned side by side: what a person reads to see which questions
+    # the tuned model now refuses and where it still answers wrong (known = the base model
+    # answered it correctly).
+    write_jsonl(
+        out / "answers.jsonl",
+        (
+            {
+                "eval": name,
+                "id": rec.id,
+                "question": rec.question,
+                "gold": rec.answer_text,
+                "known": runs[name]["base"].outcomes[i] == "correct",
+                "base": {
+                    "response": runs[name]["base"].responses[i],
+                    "outcome": runs[name]["base"].outcomes[i],
+                },
+                "tuned": {
+                    "response": runs[name][cfg.method].responses[i],
+                    "outcome": runs[name][cfg.method].outcomes[i],
+                },
+            }
+            for name, recs in run.evals
+            for i, rec in enumerate(recs)
+        ),
+    )
     evals = []
     for name, recs in run.evals:
         base_run = runs[name]["base"]
@@ -1029,6 +1054,8 @@ def _result(run_dir: Path, timings: dict[str, float]) -> PipelineResult:
             report_md=report_dir / "report.md",
             report_plot=report_dir / "pw_pc.png",
         )
+        if (report_dir / "answers.jsonl").exists():
+            artifacts["answers"] = report_dir / "answers.jsonl"
         if (report_dir / OPERATING_POINT_PLOT).exists():
             artifacts["operating_point_plot"] = report_dir / OPERATING_POINT_PLOT
     selection = run_dir / "selection" / "selection.jsonl"

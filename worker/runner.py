@@ -38,6 +38,7 @@ CONTENT_TYPES = {
     "report_plot": "image/png",
     "train_set": "application/x-ndjson",
     "selection": "application/x-ndjson",
+    "answers": "application/x-ndjson",
     "operating_point": "application/json",
     "operating_point_plot": "image/png",
 }

@@ -171,7 +171,7 @@ def _read_artifact(storage: Storage, row: Any) -> Any:
     path = storage.local_path(row.storage_key)
     if row.kind == "report_json":
         return json.loads(path.read_text())
-    if row.kind == "selection":
+    if row.kind in ("selection", "answers"):
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return None
 
@@ -206,12 +206,22 @@ async def job_page(
     data = await _run(settings, load)
     if data is None:
         return _not_found(request, "job")
-    report = selection = None
+    report = selection = answers = None
     for artifact in data["artifacts"]:
         if artifact["kind"] == "report_json":
             report = _read_artifact(storage, artifact["row"])
         elif artifact["kind"] == "selection":
             selection = _read_artifact(storage, artifact["row"])
+        elif artifact["kind"] == "answers":
+            answers = _read_artifact(storage, artifact["row"])
+    outcome = request.query_params.get("outcome", "")
+    known = request.query_params.get("known", "")
+    shown = [
+        a
+        for a in answers or []
+        if (not outcome or a["tuned"]["outcome"] == outcome)
+        and (not known or a["known"] == (known == "known"))
+    ]
     from grait.methods import method_spec  # torch-free: the method table only
 
     stages = [s for s in STAGES if s in method_spec(data["job"]["method"]).stages]
@@ -228,6 +238,12 @@ async def job_page(
         artifacts=data["artifacts"],
         report=report,
         picked=picked[:200],
+        answers=shown[:500],
+        answers_total=len(answers or []),
+        answers_shown=len(shown),
+        has_answers=answers is not None,
+        outcome=outcome,
+        known=known,
         terms=terms,
         finished=data["job"]["status"] in TERMINAL_STATUSES,
         now=int(time.time()),

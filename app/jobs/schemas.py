@@ -234,7 +234,8 @@ class ArtifactObject(BaseModel):
     job_id: str
     kind: str = Field(
         description="adapter | report_json | report_md | report_plot | train_set | selection | "
-        "operating_point | operating_point_plot (the last two with knowledge.n_idk = auto)"
+        "answers (per question, base and tuned, with eval sets) | operating_point | "
+        "operating_point_plot (the last two with knowledge.n_idk = auto)"
     )
     filename: str
     content_type: str

@@ -249,6 +249,7 @@ RESULT_ORDER = (
     "selection",
     "operating_point",
     "operating_point_plot",
+    "answers",
 )
 
 

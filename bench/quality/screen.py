@@ -32,6 +32,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "score λ1 μ1 (paper)": ("gradient", {"strategy": "score"}),
     "score λ1 μ0": ("gradient", {"strategy": "score", "mu": 0.0}),
     "score λ2 μ-1": ("gradient", {"strategy": "score", "lam": 2.0, "mu": -1.0}),
+    "neighbourhood tilt 1": ("gradient", {"strategy": "neighbourhood"}),
+    "neighbourhood tilt 2": ("gradient", {"strategy": "neighbourhood", "tilt": 2.0}),
     "stratified random": ("stratified", {}),
     "random": ("random", {}),
 }

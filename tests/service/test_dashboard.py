@@ -124,7 +124,7 @@ def test_a_job_followed_live_in_a_real_browser(
 ) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     browser = _chrome()
     try:
@@ -158,5 +158,16 @@ def test_a_job_followed_live_in_a_real_browser(
         links = browser.find_elements(By.CSS_SELECTOR, "#artifacts a")
         assert any(a.text.endswith(".tar.gz") for a in links)
         assert time.monotonic() - started < 240
+        # Per-question answers, filtered by the tuned model's outcome and the base's knowledge.
+        rows = browser.find_elements(By.CSS_SELECTOR, "#answers tbody tr")
+        assert len(rows) == 12  # two 6-question eval sets
+        wrong = sum(r.get_attribute("data-outcome") == "wrong" for r in rows)
+        Select(browser.find_element(By.ID, "outcome")).select_by_value("wrong")
+        browser.find_element(By.ID, "filter").click()
+        WebDriverWait(browser, 20).until(ec.url_contains("outcome=wrong"))
+        shown = browser.find_elements(By.CSS_SELECTOR, "#answers tbody tr")
+        assert len(shown) == wrong
+        assert all(r.get_attribute("data-outcome") == "wrong" for r in shown)
+        assert browser.find_element(By.ID, "answers-count").text.startswith(f"{wrong} of 12")
     finally:
         browser.quit()
