@@ -96,6 +96,18 @@ def test_grait_job_runs_end_to_end_and_its_adapter_loads_with_peft(
 
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter_dir)
     assert tuned.peft_config["default"].r == 4
+    # What vLLM's LoRA support reads (docs/serving.md): a LoRA config with rank, alpha and
+    # target modules, and only lora_A/lora_B tensors in adapter_model.safetensors (vLLM
+    # rejects adapters carrying full module copies such as modules_to_save).
+    from safetensors import safe_open
+
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == 4
+    assert adapter_config["lora_alpha"] and adapter_config["target_modules"]
+    assert not adapter_config.get("modules_to_save")
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as tensors:
+        names = list(tensors.keys())
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
 
     report = client.get(artifacts["report_json"]["download_url"]).json()
     assert report["method"] == "grait" and [e["name"] for e in report["evals"]] == [
