@@ -19,7 +19,7 @@ from bench.common import RESULTS, SHARED_DATA, machine, md_table, write_json
 from grait.config import DEFAULT_BASE_MODEL
 from grait.data import load_records, take, write_jsonl
 
-PARTS = ("features", "selection", "knowledge", "service", "pollers")
+PARTS = ("features", "selection", "knowledge", "service", "pollers", "uploads")
 
 
 def _log(message: str) -> None:
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="load-generator processes the pollers are spread over",
     )
     p.add_argument("--poll-seconds", type=float, default=10.0)
+    p.add_argument("--uploads", type=int, default=16, help="concurrent large uploads")
+    p.add_argument("--upload-rows", type=int, default=40_000, help="rows per uploaded file")
     p.add_argument("--note", help="stored with the parts measured now, e.g. what else ran")
     return p
 
@@ -70,6 +72,7 @@ def _smoke(args: argparse.Namespace) -> None:
     args.knowledge_questions = 8
     args.service_train, args.service_eval = 12, 4
     args.poll_seconds = 3.0
+    args.uploads, args.upload_rows = 4, 2000
     args.service_method = "van"
 
 
@@ -369,6 +372,51 @@ def _md_pollers(part: dict[str, Any]) -> list[str]:
     ]
 
 
+def _run_uploads(args: argparse.Namespace, base_model: str) -> dict[str, Any]:
+    from bench.speed.service import bench_uploads
+
+    r = bench_uploads(
+        args.scratch, train=args.data, uploads=args.uploads, rows=args.upload_rows, log=_log
+    )
+    return {"result": r}
+
+
+def _md_uploads(part: dict[str, Any]) -> list[str]:
+    r = part["result"]
+    return [
+        "## Service: job reads during concurrent large uploads",
+        "",
+        _stamp(part),
+        "",
+        (
+            f"Embedded server (SQLite), loopback, one client process: `GET /v1/jobs/{{id}}` every "
+            f"50 ms, first alone, then while {r['uploads']} uploads of {r['upload_mb']:.1f} MB "
+            "(JSONL, validated on arrival) go up at once. More uploads than database slots: "
+            "reads keep their pace only if parsing holds no slot."
+        ),
+        "",
+        md_table(
+            ["", "value"],
+            [
+                ["upload statuses", ", ".join(map(str, r["upload_status"]))],
+                [
+                    "uploads wall / p50 / max (s)",
+                    f"{r['uploads_wall_s']:.1f} / {r['upload_p50_s']:.1f} / {r['upload_max_s']:.1f}",
+                ],
+                ["reads alone: count, p50 ms", f"{r['reads_alone']}, {r['read_alone_p50_ms']:.1f}"],
+                [
+                    "reads during uploads: count, p50 / p99 / max ms",
+                    (
+                        f"{r['reads_during']}, {r['read_during_p50_ms']:.1f} / "
+                        f"{r['read_during_p99_ms']:.1f} / {r['read_during_max_ms']:.1f}"
+                    ),
+                ],
+                ["reads failed during uploads", str(r["read_failed_during"])],
+            ],
+        ),
+    ]
+
+
 def _stamp(part: dict[str, Any]) -> str:
     return (
         f"*Measured {part['measured_at']} on {part['machine']}; base model `{part['base_model']}`.*"
@@ -381,6 +429,7 @@ RUNNERS = {
     "knowledge": (_run_knowledge, _md_knowledge),
     "service": (_run_service, _md_service),
     "pollers": (_run_pollers, _md_pollers),
+    "uploads": (_run_uploads, _md_uploads),
 }
 
 

@@ -219,6 +219,119 @@ def bench_pollers(
     return results
 
 
+async def _reads_during_uploads(
+    url: str, path: str, body: bytes, *, uploads: int, baseline_seconds: float
+) -> dict[str, Any]:
+    """GET `path` every 50 ms: first alone, then while `uploads` copies of `body` go up at once."""
+    async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=600) as client:
+
+        async def read_until(stop: asyncio.Event) -> tuple[list[float], int]:
+            latencies, failed = [], 0
+            while not stop.is_set():
+                t = time.perf_counter()
+                try:
+                    r = await client.get(path, timeout=30)
+                    if r.status_code == 200:
+                        latencies.append(time.perf_counter() - t)
+                    else:
+                        failed += 1
+                except httpx.HTTPError:
+                    failed += 1
+                await asyncio.sleep(0.05)
+            return latencies, failed
+
+        stop = asyncio.Event()
+        reader = asyncio.create_task(read_until(stop))
+        await asyncio.sleep(baseline_seconds)
+        stop.set()
+        alone, _ = await reader
+
+        async def upload() -> tuple[float, int]:
+            t = time.perf_counter()
+            r = await client.post("/v1/datasets", files={"file": ("big.jsonl", body)})
+            return time.perf_counter() - t, r.status_code
+
+        stop = asyncio.Event()
+        reader = asyncio.create_task(read_until(stop))
+        started = time.perf_counter()
+        done = await asyncio.gather(*(upload() for _ in range(uploads)))
+        wall = time.perf_counter() - started
+        stop.set()
+        during, failed = await reader
+
+    def ms(xs: list[float], q: float) -> float:
+        return float(np.percentile(np.array(xs) * 1000, q)) if xs else float("nan")
+
+    seconds = [d for d, _ in done]
+    return {
+        "uploads": uploads,
+        "upload_mb": len(body) / 1e6,
+        "upload_status": sorted({code for _, code in done}),
+        "uploads_wall_s": wall,
+        "upload_p50_s": float(np.median(seconds)),
+        "upload_max_s": float(np.max(seconds)),
+        "reads_alone": len(alone),
+        "read_alone_p50_ms": ms(alone, 50),
+        "reads_during": len(during),
+        "read_failed_during": failed,
+        "read_during_p50_ms": ms(during, 50),
+        "read_during_p99_ms": ms(during, 99),
+        "read_during_max_ms": float(np.max(during) * 1000) if during else float("nan"),
+    }
+
+
+def bench_uploads(
+    scratch: Path, *, train: Path, uploads: int, rows: int, log: Any
+) -> dict[str, Any]:
+    """Job reads while many large uploads are read and validated (issue 12: parsing holds no
+    database slot, so reads keep their pace). Embedded server, no worker, loopback."""
+    from grait.config import DEFAULT_BASE_MODEL
+
+    records = [
+        {
+            "id": f"q{i}",
+            "question": f"Question number {i}?",
+            "options": ["a", "b", "c", "d"],
+            "answer": "ABCD"[i % 4],
+        }
+        for i in range(rows)
+    ]
+    body = "".join(json.dumps(r) + "\n" for r in records).encode()
+    folder = scratch / f"uploads-{int(time.time())}"
+    with (
+        EmbeddedServer(folder, worker=False) as server,
+        httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as client,
+    ):
+        with train.open("rb") as fh:
+            r = client.post("/v1/datasets", files={"file": (train.name, fh)})
+        r.raise_for_status()
+        job = client.post(
+            "/v1/jobs",
+            json={
+                "method": "van",
+                "base_model": DEFAULT_BASE_MODEL,
+                "train_dataset": r.json()["id"],
+            },
+        )
+        job.raise_for_status()
+        log(f"uploads: {uploads} x {len(body) / 1e6:.1f} MB while reading the job")
+        result = asyncio.run(
+            _reads_during_uploads(
+                server.url,
+                f"/v1/jobs/{job.json()['id']}",
+                body,
+                uploads=uploads,
+                baseline_seconds=3.0,
+            )
+        )
+    log(
+        f"uploads: reads p50 {result['read_alone_p50_ms']:.0f} ms alone, "
+        f"{result['read_during_p50_ms']:.0f} ms (max {result['read_during_max_ms']:.0f}) during "
+        f"uploads of p50 {result['upload_p50_s']:.1f} s"
+    )
+    return result
+
+
 def bench_service(
     scratch: Path,
     *,

@@ -83,6 +83,7 @@ def test_speed_smoke_writes_every_figure(tmp_path: Path) -> None:
         "Knowledge query",
         "Service overhead",
         "Service: `GET /v1/jobs/{id}` under concurrent pollers",
+        "Service: job reads during concurrent large uploads",
     ):
         assert f"## {section}" in md
     parts = summary["parts"]
@@ -97,6 +98,9 @@ def test_speed_smoke_writes_every_figure(tmp_path: Path) -> None:
     pollers = parts["pollers"]["result"]
     assert [p["clients"] for p in pollers] == [10, 100]
     assert all(p["errors"] == 0 and p["requests_ok"] > 0 for p in pollers), pollers
+    uploads = parts["uploads"]["result"]
+    assert uploads["upload_status"] == [201] and uploads["read_failed_during"] == 0
+    assert uploads["reads_alone"] > 0 and uploads["reads_during"] > 0
     assert len(_table_rows(md, "Selection + weighting")) == 2
     assert not list((tmp_path / "smoke-speed").glob("*.npy"))  # feature matrices stay in scratch
 
