@@ -17,6 +17,7 @@ from app.models import Artifact, Dataset, Job, JobEvent
 from grait.config import JobConfig, TrainingConfig
 from grait.events import STAGES
 from grait.methods import METHOD_NAMES as GRAIT_METHODS
+from grait.methods import method_spec
 
 DEFAULT_LEARNING_RATE: float = TrainingConfig.model_fields["learning_rate"].default
 
@@ -312,6 +313,16 @@ class FineTuningJobEventObject(BaseModel):
 CHECKPOINT_PREFIX = "ckpt-"
 
 
+def _step_number(method: str, stage: str) -> int:
+    """Position among the stages the job's method runs (a stage added for another method,
+    such as CRaFT's rehearsal, does not renumber a grait job's checkpoints)."""
+    try:
+        stages = method_spec(method).stages
+    except ValueError:
+        stages = STAGES
+    return stages.index(stage) + 1 if stage in stages else 0
+
+
 class FineTuningJobCheckpointObject(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -321,7 +332,7 @@ class FineTuningJobCheckpointObject(BaseModel):
     fine_tuned_model_checkpoint: str
     fine_tuning_job_id: str
     metrics: dict[str, Any]
-    step_number: int = Field(description="1-based position of the stage in the pipeline.")
+    step_number: int = Field(description="1-based position of the stage among the job's stages.")
 
     @classmethod
     def of(cls, row: JobEvent, job: Job) -> FineTuningJobCheckpointObject:
@@ -335,6 +346,6 @@ class FineTuningJobCheckpointObject(BaseModel):
             fine_tuned_model_checkpoint=f"{fine_tuned_model_name(job)}:{stage}",
             fine_tuning_job_id=job.id,
             metrics=metrics,
-            step_number=STAGES.index(stage) + 1 if stage in STAGES else 0,
+            step_number=_step_number(job.method, stage),
             stage=stage,
         )

@@ -300,7 +300,7 @@ def test_redis_restart_loses_neither_the_running_nor_the_queued_job(
             assert client.get("/readyz").status_code == 503  # names the broker
             private_redis.start()  # empty: the queued message is gone
             restarted_at = time.monotonic()
-            assert broker.llen(env["GRAIT_BROKER_KEY_PREFIX"] + env["GRAIT_QUEUE"]) == 0
+            # (Not asserted empty here: the 1 s sweeper may already have republished it.)
 
             first = wait_for_status(client, running["id"], TERMINAL, timeout=150)
             second = wait_for_status(client, queued["id"], TERMINAL, timeout=120)
