@@ -391,8 +391,8 @@ def _md_uploads(part: dict[str, Any]) -> list[str]:
         (
             f"Embedded server (SQLite), loopback, one client process: `GET /v1/jobs/{{id}}` every "
             f"50 ms, first alone, then while {r['uploads']} uploads of {r['upload_mb']:.1f} MB "
-            "(JSONL, validated on arrival) go up at once. More uploads than database slots: "
-            "reads keep their pace only if parsing holds no slot."
+            "(JSONL, validated on arrival) go up at once, more than the API's database slots: a "
+            "read that waited for a slot held by a parsing upload would take as long as the uploads."
         ),
         "",
         md_table(
