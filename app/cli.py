@@ -35,7 +35,14 @@ def _serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     # One API process: in embedded mode each uvicorn worker would start its own Celery worker.
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_keep_alive=settings.keep_alive_seconds,
+    )
     return 0
 
 

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = 8000
+    # Idle keep-alive connections stay open this long. Above the usual 60 s idle timeout of
+    # load balancers and client pools: with uvicorn's 5 s default, a client that reuses an
+    # idle connection just as the server closes it gets a reset (seen as ReadError by
+    # pollers on a busy machine).
+    keep_alive_seconds: int = Field(65, ge=1, le=3600)
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
     embedded_worker: Literal["auto", "true", "false"] = Field(
         "auto",

@@ -237,6 +237,8 @@ def start_api(
         "127.0.0.1",
         "--port",
         str(port),
+        "--timeout-keep-alive",  # as deployed (compose), see Settings.keep_alive_seconds
+        "65",
     ]
     proc = Process(
         name,
