@@ -175,6 +175,21 @@ def _pollers(url: str, path: str, *, clients: int, seconds: float, processes: in
     }
 
 
+def _queued_job_path(client: httpx.Client, train: Path) -> str:
+    """Upload `train` and submit a job on it; with no worker it stays queued. Its URL path."""
+    from grait.config import DEFAULT_BASE_MODEL
+
+    with train.open("rb") as fh:
+        r = client.post("/v1/datasets", files={"file": (train.name, fh)})
+    r.raise_for_status()
+    job = client.post(
+        "/v1/jobs",
+        json={"method": "van", "base_model": DEFAULT_BASE_MODEL, "train_dataset": r.json()["id"]},
+    )
+    job.raise_for_status()
+    return f"/v1/jobs/{job.json()['id']}"
+
+
 def bench_pollers(
     scratch: Path,
     *,
@@ -185,26 +200,13 @@ def bench_pollers(
     log: Any,
 ) -> list[dict[str, Any]]:
     """GET /v1/jobs/{id} on a queued job (no worker: the row stays put while it is polled)."""
-    from grait.config import DEFAULT_BASE_MODEL
 
     folder = scratch / f"pollers-{int(time.time())}"
     with (
         EmbeddedServer(folder, worker=False) as server,
         httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as client,
     ):
-        with train.open("rb") as fh:
-            r = client.post("/v1/datasets", files={"file": (train.name, fh)})
-        r.raise_for_status()
-        job = client.post(
-            "/v1/jobs",
-            json={
-                "method": "van",
-                "base_model": DEFAULT_BASE_MODEL,
-                "train_dataset": r.json()["id"],
-            },
-        )
-        job.raise_for_status()
-        path = f"/v1/jobs/{job.json()['id']}"
+        path = _queued_job_path(client, train)
         results = []
         for count in pollers:
             log(f"pollers: {count} for {seconds:.0f}s over {processes} processes")
@@ -285,7 +287,6 @@ def bench_uploads(
 ) -> dict[str, Any]:
     """Job reads while many large uploads are read and validated (issue 12: parsing holds no
     database slot, so reads keep their pace). Embedded server, no worker, loopback."""
-    from grait.config import DEFAULT_BASE_MODEL
 
     records = [
         {
@@ -302,23 +303,12 @@ def bench_uploads(
         EmbeddedServer(folder, worker=False) as server,
         httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as client,
     ):
-        with train.open("rb") as fh:
-            r = client.post("/v1/datasets", files={"file": (train.name, fh)})
-        r.raise_for_status()
-        job = client.post(
-            "/v1/jobs",
-            json={
-                "method": "van",
-                "base_model": DEFAULT_BASE_MODEL,
-                "train_dataset": r.json()["id"],
-            },
-        )
-        job.raise_for_status()
+        path = _queued_job_path(client, train)
         log(f"uploads: {uploads} x {len(body) / 1e6:.1f} MB while reading the job")
         result = asyncio.run(
             _reads_during_uploads(
                 server.url,
-                f"/v1/jobs/{job.json()['id']}",
+                path,
                 body,
                 uploads=uploads,
                 baseline_seconds=3.0,
