@@ -206,7 +206,7 @@ class FineTuningJobObject(BaseModel):
     ) -> FineTuningJobObject:
         train = next((link.dataset_id for link in job.datasets if link.role == "train"), None)
         evals = [link.dataset_id for link in job.datasets if link.role == "eval"]
-        knobs = openai_knobs(job.hyperparameters)
+        knobs = openai_knobs(job.hyperparameters, training_metrics)
         method_type = METHOD_NAMES.get(job.method, job.method)
         estimated = None
         if job.status == "running" and job.eta_seconds is not None:
@@ -259,10 +259,18 @@ def _artifact_order(row: Artifact) -> tuple[int, str]:
     return kind, row.id
 
 
-def openai_knobs(hyperparameters: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's three knobs, read back from a job's full grait hyperparameters."""
+def openai_knobs(
+    hyperparameters: dict[str, Any], training_metrics: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """OpenAI's three knobs, read back from a job's full grait hyperparameters.
+
+    `n_epochs: auto` reads back as the number the training stage chose once it has run, as
+    OpenAI's jobs do; before that it stays `auto`.
+    """
     training = hyperparameters.get("training", {})
     epochs = training.get("epochs")
+    if epochs == "auto" and (training_metrics or {}).get("epochs") is not None:
+        epochs = float(training_metrics["epochs"])  # type: ignore[index]
     return {
         "n_epochs": int(epochs) if isinstance(epochs, float) and epochs.is_integer() else epochs,
         "batch_size": training.get("batch_size"),
