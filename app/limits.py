@@ -16,7 +16,7 @@ from app.openai_compat.errors import openai_error
 from app.settings import Settings
 
 UPLOAD_PATHS = ("/v1/datasets", "/v1/files")
-OPENAI_PREFIXES = ("/v1/files", "/v1/fine_tuning")
+OPENAI_PREFIXES = ("/v1/files", "/v1/fine_tuning", "/v1/chat")
 
 
 def is_openai_path(path: str) -> bool:

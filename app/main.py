@@ -10,6 +10,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app import health
+from app.chat.router import router as chat_router
+from app.chat.serving import ModelServer
 from app.dashboard import router as dashboard
 from app.datasets.router import router as datasets_router
 from app.embedded import EmbeddedWorker
@@ -38,9 +40,12 @@ def create_app() -> FastAPI:
             worker.start()
         dispatcher = Dispatcher(settings)
         dispatcher.start()
+        # Chat's model-serving process: its URL, or (unset) one of ours, started on first use.
+        app.state.model_server = ModelServer(settings)
         try:
             yield
         finally:
+            await app.state.model_server.close()
             dispatcher.stop()
             if worker:
                 worker.stop()
@@ -63,6 +68,7 @@ def create_app() -> FastAPI:
     app.include_router(webhooks_router)
     # The OpenAI-compatible face (/v1/files, /v1/fine_tuning/jobs) over the same services.
     app.include_router(openai_router)
+    app.include_router(chat_router)  # /v1/chat/completions, answered by worker.serving
     # The web dashboard (/ui): pages over the same services, signed in by a cookie.
     dashboard.install(app)
     return app

@@ -133,6 +133,25 @@ class Settings(BaseSettings):
         "out_of_memory instead of taking the machine down.",
     )
 
+    # Chat (POST /v1/chat/completions): the model-serving process, `python -m worker.serving`
+    serving_url: str | None = Field(
+        None,
+        description="Where the model-serving process listens; unset: the API starts one of its "
+        "own on the first chat request and stops it at shutdown.",
+    )
+    serving_host: str = Field("127.0.0.1", description="`python -m worker.serving` binds here.")
+    serving_port: int = Field(8001, description="`python -m worker.serving` listens here.")
+    serving_device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    serving_max_adapters: int = Field(
+        4, ge=1, description="LoRA adapters kept loaded; the least recently used goes first."
+    )
+    serving_max_base_models: int = Field(
+        1, ge=1, description="Base models kept loaded (each with its adapters)."
+    )
+    chat_max_tokens: int = Field(
+        512, ge=1, description="Cap on (and default of) a chat request's max_tokens."
+    )
+
     @property
     def embedded_broker(self) -> bool:
         return self.broker_url.startswith(EMBEDDED_BROKER)

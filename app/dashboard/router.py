@@ -11,16 +11,25 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Form, Request
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
 from app.auth.service import Principal, authenticate
+from app.chat import service as chat
 from app.datasets import service as datasets
 from app.datasets.upload import accept_dataset_upload
 from app.db import in_request_session
@@ -30,6 +39,7 @@ from app.jobs import service as jobs
 from app.jobs.lifecycle import TERMINAL_STATUSES
 from app.jobs.schemas import EventObject, JobObject
 from app.jobs.stream import event_stream
+from app.openai_compat.schemas import fine_tuned_model_name
 from app.settings import Settings
 from app.storage import Storage
 from grait.events import STAGES
@@ -197,6 +207,7 @@ async def job_page(
         )
         return {
             "job": JobObject.of(job).model_dump(mode="json"),
+            "model_name": fine_tuned_model_name(job),
             "events": [EventObject.of(e).model_dump(mode="json") for e in events[:2000]],
             "artifacts": [
                 {"id": a.id, "kind": a.kind, "filename": a.filename, "row": a} for a in artifacts
@@ -246,6 +257,9 @@ async def job_page(
         known=known,
         terms=terms,
         finished=data["job"]["status"] in TERMINAL_STATUSES,
+        model_name=data["model_name"],
+        can_chat=data["job"]["status"] == "succeeded"
+        and any(a["kind"] == "adapter" for a in data["artifacts"]),
         now=int(time.time()),
     )
 
@@ -284,6 +298,60 @@ async def stream(
     return StreamingResponse(
         event_stream(settings, tenant_id=principal.tenant_id, job_id=job_id, after=after),
         media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+class TryIt(BaseModel):
+    question: str = Field(min_length=1, max_length=4000)
+    model: Literal["tuned", "base"] = "tuned"
+
+
+TRY_IT_MAX_TOKENS = 64
+
+
+@router.post("/jobs/{job_id}/chat", response_model=None)
+async def try_it(
+    job_id: str,
+    body: TryIt,
+    request: Request,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+) -> StreamingResponse | PlainTextResponse:
+    """The try-it box: one question to the job's tuned model (or its base), greedy, with the
+    prompt it was trained on; the answer streams back as plain text."""
+    try:
+        served = await _run(
+            settings,
+            lambda s: chat.job_model(
+                session=s, storage=storage, tenant_id=principal.tenant_id, job_id=job_id
+            ),
+        )
+        if body.model == "base":
+            served = chat.ServedModel(name=served.base_model, base_model=served.base_model)
+        generation = await request.app.state.model_server.generate(
+            served,
+            messages=[{"role": "user", "content": body.question}],
+            prompt_format="rait",
+            max_new_tokens=min(TRY_IT_MAX_TOKENS, settings.chat_max_tokens),
+            temperature=0.0,
+            top_p=1.0,
+            seed=None,
+        )
+    except APIError as exc:
+        return PlainTextResponse(exc.message, status_code=exc.status)
+
+    async def answer() -> AsyncIterator[str]:
+        async for event in generation.events:
+            if event["event"] == "delta":
+                yield event["text"]
+            elif event["event"] == "error":
+                yield f"\n[error: {event['message']}]"
+
+    return StreamingResponse(
+        answer(),
+        media_type="text/plain; charset=utf-8",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 

@@ -15,6 +15,7 @@ import pytest
 from .conftest import Worker, make_key, tiny_job
 
 pytestmark = pytest.mark.timeout(300)
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 
 
 @contextmanager
@@ -76,7 +77,10 @@ def test_pages_show_the_tenants_jobs_and_another_tenants_job_is_a_404_page(
         cancelled = browser.post(f"/ui/jobs/{job['id']}/cancel")
         assert cancelled.status_code == 303
         assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
-        assert 'id="cancel"' not in browser.get(f"/ui/jobs/{job['id']}").text
+        cancelled_page = browser.get(f"/ui/jobs/{job['id']}").text
+        assert 'id="cancel"' not in cancelled_page and 'id="try-it"' not in cancelled_page
+        asked = browser.post(f"/ui/jobs/{job['id']}/chat", json={"question": "Who?"})
+        assert asked.status_code == 409 and "has no tuned model" in asked.text
     with _signed_in(api_url, make_key(service_env, "beta")) as other:
         foreign = other.get(f"/ui/jobs/{job['id']}")
         unknown = other.get("/ui/jobs/job-000000000000deadbeef")
@@ -86,6 +90,8 @@ def test_pages_show_the_tenants_jobs_and_another_tenants_job_is_a_404_page(
         )
         assert job["id"] not in other.get("/ui/jobs").text
         assert other.post(f"/ui/jobs/{job['id']}/cancel").status_code == 404
+        asked = other.post(f"/ui/jobs/{job['id']}/chat", json={"question": "Who?"})
+        assert asked.status_code == 404
 
 
 def test_an_upload_that_does_not_read_shows_its_line(api_url: str, api_key: str) -> None:
@@ -169,5 +175,19 @@ def test_a_job_followed_live_in_a_real_browser(
         assert len(shown) == wrong
         assert all(r.get_attribute("data-outcome") == "wrong" for r in shown)
         assert browser.find_element(By.ID, "answers-count").text.startswith(f"{wrong} of 12")
+        # The try-it box: a question to the tuned model, answered on the page.
+        browser.find_element(By.ID, "try-question").send_keys("What do bees make?")
+        browser.find_element(By.ID, "try-ask").click()
+        answer = browser.find_element(By.ID, "try-answer")
+        WebDriverWait(browser, 60).until(lambda _: answer.get_attribute("data-state") == "done")
+        assert "error" not in (answer.get_attribute("class") or ""), answer.text
+        assert browser.find_element(By.ID, "try-meta").text.startswith("Answered in")
+        browser.set_window_size(1280, 900)
+        browser.execute_script(  # the box with its heading, the answer and the report below
+            "window.scrollTo(0, arguments[0].getBoundingClientRect().top + window.scrollY - 120)",
+            browser.find_element(By.ID, "try-it"),
+        )
+        SCREENSHOTS.mkdir(exist_ok=True)
+        assert browser.save_screenshot(str(SCREENSHOTS / "dashboard-try-it.png"))
     finally:
         browser.quit()

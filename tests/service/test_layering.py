@@ -27,7 +27,7 @@ def test_api_and_worker_entry_modules_import_no_torch() -> None:
 def test_the_worker_imports_no_web_framework() -> None:
     """`worker/` glues the library to the job table; FastAPI is the API's business."""
     code = (
-        "import sys, worker.celery_app, worker.runner, worker.sweeper, worker.tasks\n"
+        "import sys, worker.celery_app, worker.runner, worker.sweeper, worker.tasks, worker.serving\n"
         "web = sorted(m for m in ('fastapi', 'starlette', 'uvicorn') if m in sys.modules)\n"
         "assert not web, web\n"
     )

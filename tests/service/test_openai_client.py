@@ -461,3 +461,130 @@ def test_grait_job_through_the_openai_client(
 
     with pytest.raises(openai.ConflictError):
         oai.fine_tuning.jobs.cancel(job.id)
+
+
+# ---- chat with the tuned model ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tuned_model(
+    oai: openai.OpenAI, uploaded: dict[str, str], tiny_model: Path, worker_control: Worker
+) -> str:
+    """The `fine_tuned_model` of the grait job above (trained once; made here if run alone)."""
+    done = list(oai.fine_tuning.jobs.list(metadata={"suite": "openai-e2e"}))
+    if not done:
+        worker_control.ensure_running()
+        job = oai.fine_tuning.jobs.create(
+            model=str(tiny_model),
+            training_file=uploaded["arc_train"],
+            validation_file=uploaded["arc_valid"],
+            method=tiny_grait_method(uploaded),  # type: ignore[arg-type]
+            suffix="oai",
+            metadata={"suite": "openai-e2e"},
+        )
+        done = [
+            wait_for(
+                lambda: (j := oai.fine_tuning.jobs.retrieve(job.id)).status in TERMINAL and j,
+                timeout=240,
+                interval=1.0,
+                what=f"job {job.id} to finish",
+            )
+        ]
+    assert done[0].status == "succeeded" and done[0].fine_tuned_model, done[0]
+    return done[0].fine_tuned_model
+
+
+@pytest.mark.timeout(180)
+def test_chat_with_the_fine_tuned_model_answers_and_streams_the_same_answer(
+    oai: openai.OpenAI, tuned_model: str
+) -> None:
+    messages = [{"role": "user", "content": "Which gas do plants take in from the air?"}]
+    started = time.monotonic()
+    answer = oai.chat.completions.create(
+        model=tuned_model,
+        messages=messages,
+        max_tokens=6,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    first = time.monotonic() - started
+
+    assert (answer.object, answer.model) == ("chat.completion", tuned_model)
+    assert answer.id.startswith("chatcmpl-") and len(answer.choices) == 1
+    choice = answer.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert answer.usage and answer.usage.prompt_tokens > 10
+    assert 1 <= answer.usage.completion_tokens <= 6
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+
+    started = time.monotonic()
+    chunks = list(
+        oai.chat.completions.create(
+            model=tuned_model,
+            messages=messages,  # type: ignore[arg-type]
+            max_completion_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    warm = time.monotonic() - started
+    print(f"\nchat on the tuned tiny model: first {first:.2f}s (serving start), warm {warm:.2f}s")
+
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() == choice.message.content  # greedy: the same answer, streamed
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == choice.finish_reason and not any(finishes[:-1])
+    assert chunks[-1].usage == answer.usage  # include_usage: a last chunk with no choices
+
+
+@pytest.mark.timeout(120)
+def test_chat_with_a_base_model_answers_a_known_fact(oai: openai.OpenAI) -> None:
+    # `raw`: the turn as written, without the refusal-allowed training prompt around it.
+    answer = oai.chat.completions.create(
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=12,
+        temperature=0,
+        extra_body={"prompt_format": "raw"},
+    )
+    assert "paris" in (answer.choices[0].message.content or "").lower(), answer
+
+
+@pytest.mark.timeout(60)
+def test_chat_with_an_unknown_or_another_tenants_model_raises_not_found(
+    oai: openai.OpenAI, api_url: str, service_env: dict[str, str], tuned_model: str
+) -> None:
+    from .conftest import make_key
+
+    job_id = tuned_model.rsplit(":", 1)[1]
+    other = openai.OpenAI(base_url=f"{api_url}/v1", api_key=make_key(service_env, "beta"))
+    messages = [{"role": "user", "content": "Hello?"}]
+    for client, model in (
+        (oai, "gpt-4o-mini"),
+        (oai, tuned_model.replace(job_id, "job-000000000000deadbeef")),
+        (oai, tuned_model.replace(":ft-grait:oai:", ":ft-grait:other:")),  # the name must match
+        (other, tuned_model),  # another tenant's model is as unknown as a made-up one
+    ):
+        with pytest.raises(openai.NotFoundError) as info:
+            client.chat.completions.create(model=model, messages=messages)  # type: ignore[arg-type]
+        assert info.value.code == "model_not_found" and info.value.param == "model"
+        assert info.value.body["message"] == (  # type: ignore[index]
+            f"The model `{model}` does not exist or you do not have access to it."
+        )
+    other.close()
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(
+            base_url=f"{api_url}/v1", api_key="gk_wrong", max_retries=0
+        ).chat.completions.create(
+            model=tuned_model,
+            messages=messages,  # type: ignore[arg-type]
+        )
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.chat.completions.create(
+            model=tuned_model,
+            messages=messages,
+            tools=[{"type": "function", "function": {"name": "f"}}],
+        )  # type: ignore[arg-type]
+    assert info.value.param == "tools"

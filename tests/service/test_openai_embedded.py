@@ -8,6 +8,7 @@ import openai
 import pytest
 
 from .conftest import TERMINAL, printed_api_key, start_embedded_api, wait_for
+from .test_embedded import processes_in
 from .test_openai_client import chat_lines
 
 pytestmark = pytest.mark.timeout(240)
@@ -62,6 +63,18 @@ def test_supervised_job_on_chat_files_with_sqlite_and_the_embedded_worker(
         assert oai.files.content(kinds["report_md"]).text.strip()
         with pytest.raises(openai.NotFoundError):
             oai.fine_tuning.jobs.retrieve("job-unknown")
+        # Chat: the API starts its model-serving process on first use...
+        assert len(processes_in(tmp_path)) == 2  # the API and its worker
+        answer = oai.chat.completions.create(
+            model=done.fine_tuned_model,
+            messages=[{"role": "user", "content": "Who wrote Hamlet?"}],
+            max_tokens=3,
+            temperature=0,
+        )
+        assert answer.model == done.fine_tuned_model and answer.usage.completion_tokens >= 1
+        assert len(processes_in(tmp_path)) == 3
         oai.close()
     finally:
         api.stop()
+    # ... and stops it at shutdown.
+    wait_for(lambda: not processes_in(tmp_path), timeout=30, what="the API's children to exit")

@@ -21,7 +21,7 @@ from .conftest import bearer, make_key
 pytestmark = pytest.mark.timeout(240)
 
 MAX_EXAMPLES = 25
-OPENAI_PREFIXES = ("/v1/files", "/v1/fine_tuning")
+OPENAI_PREFIXES = ("/v1/files", "/v1/fine_tuning", "/v1/chat")
 
 
 def error_body_problem(path: str, status: int, response: Any) -> str | None:

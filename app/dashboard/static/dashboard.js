@@ -93,7 +93,58 @@ async function pollPercent(section) {
   setTimeout(() => pollPercent(section), 2000);
 }
 
+function tryIt(form) {
+  // One question to the tuned model (the cookie rides along); the answer streams in as text.
+  const answer = document.getElementById("try-answer");
+  const meta = document.getElementById("try-meta");
+  const button = document.getElementById("try-ask");
+  document.getElementById("try-question").addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) form.requestSubmit();
+  });
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const question = document.getElementById("try-question").value.trim();
+    if (!question) return;
+    answer.textContent = "";
+    answer.classList.remove("error");
+    answer.dataset.state = "asking";
+    button.disabled = true;
+    const started = performance.now();
+    try {
+      const res = await fetch(form.dataset.url, {
+        method: "POST",
+        credentials: "same-origin",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ question, model: document.getElementById("try-model").value }),
+      });
+      if (!res.ok) {
+        answer.textContent = await res.text();
+        answer.classList.add("error");
+      } else {
+        const reader = res.body.getReader();
+        const decoder = new TextDecoder();
+        let text = "";
+        for (;;) {
+          const { done, value } = await reader.read();
+          if (done) break;
+          text += decoder.decode(value, { stream: true });
+          answer.textContent = text.trimStart();
+        }
+        answer.textContent = text.trim() || "(no text: the answer was only blank lines or special tokens)";
+      }
+      meta.textContent = "Answered in " + ((performance.now() - started) / 1000).toFixed(1) + " s.";
+    } catch (e) {
+      answer.textContent = "The request failed: " + e;
+      answer.classList.add("error");
+    }
+    answer.dataset.state = "done";
+    button.disabled = false;
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  const tryForm = document.getElementById("try-it");
+  if (tryForm) tryIt(tryForm);
   const table = document.getElementById("jobs");
   if (table && table.dataset.live) liveJobsList(table);
   const section = document.getElementById("summary");

@@ -1,0 +1,103 @@
+"""The model-serving process's parts in process: prompt wording and the adapter cache."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from worker.serving import Adapter, GenerateRequest, ModelPool, Turn, as_question, generate_events
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_a_pasted_multiple_choice_question_is_worded_as_in_training(tiny_model: Path) -> None:
+    from grait.config import REFUSAL
+    from grait.data import QARecord
+    from grait.models import load_tokenizer
+    from grait.prompts import question_message, render_prompt
+    from worker.serving import chat_prompt
+
+    record = as_question("Which planet is largest?\nA. Mars\nB. Jupiter\nC. Venus")
+    assert (record.question, record.options) == (
+        "Which planet is largest?",
+        ("Mars", "Jupiter", "Venus"),
+    )
+    for not_options in ("Pick one:\nB. x\nC. y", "A. x\nB. y", "Why?\nA. only"):
+        assert as_question(not_options).options == ()
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    asked = [Turn(role="user", content="Which planet is largest?\nA. Mars\nB. Jupiter\nC. Venus")]
+    trained = render_prompt(
+        tokenizer, question_message(record, allow_refusal=True, refusal=REFUSAL)
+    )
+    assert chat_prompt(tokenizer, asked, prompt_format="rait", refusal=REFUSAL) == trained
+    assert "If you do not know the answer" in trained
+    raw = chat_prompt(tokenizer, asked, prompt_format="raw", refusal=REFUSAL)
+    assert "If you do not know the answer" not in raw and "Jupiter" in raw
+    open_ended = QARecord(id="q", question="Who wrote Hamlet?")
+    assert chat_prompt(
+        tokenizer,
+        [Turn(role="user", content=" Who wrote Hamlet? ")],
+        prompt_format="rait",
+        refusal=REFUSAL,
+    ) == render_prompt(tokenizer, question_message(open_ended, allow_refusal=True, refusal=REFUSAL))
+
+
+def _adapter(tiny_model: Path, folder: Path, seed: int) -> Adapter:
+    """A LoRA with random (not zero) B matrices, packed like a job's adapter artifact."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), config).save_pretrained(folder)
+    archive = folder.with_suffix(".tar.gz")
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=f"job-{seed}-adapter")
+    return Adapter(id=f"job-{seed}", archive=str(archive))
+
+
+def test_the_pool_keeps_the_most_recent_adapters_and_switches_between_them(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    first, second = (_adapter(tiny_model, tmp_path / f"a{seed}", seed) for seed in (1, 2))
+    pool = ModelPool(device="cpu", max_adapters=1, max_base_models=1)
+
+    def answer(adapter: Adapter | None) -> list[int]:
+        request = GenerateRequest(
+            base_model=str(tiny_model),
+            adapter=adapter,
+            messages=[Turn(role="user", content="Name a colour.")],
+            prompt_format="raw",
+            max_new_tokens=8,
+            temperature=0,
+        )
+        events = list(generate_events(pool, request))
+        assert events[0]["event"] == "start" and events[-1]["event"] == "end", events
+        return [ord(c) for e in events if e["event"] == "delta" for c in e["text"]]
+
+    base = answer(None)
+    with_first = answer(first)
+    assert pool.loaded() == {str(tiny_model): ["job-1"]}
+    with_second = answer(second)
+    assert pool.loaded() == {str(tiny_model): ["job-2"]}  # at most one: the older one went
+    assert answer(None) == base  # adapters off for the base model
+    assert answer(first) == with_first  # reloaded, same weights, same greedy answer
+    assert pool.loaded() == {str(tiny_model): ["job-1"]}
+    assert len({tuple(base), tuple(with_first), tuple(with_second)}) == 3
+
+    missing = Adapter(id="job-gone", archive=str(tmp_path / "gone.tar.gz"))
+    request = GenerateRequest(
+        base_model=str(tiny_model),
+        adapter=missing,
+        messages=[Turn(role="user", content="?")],
+        max_new_tokens=2,
+    )
+    assert list(generate_events(pool, request)) == [
+        {"event": "error", "status": 404, "message": "adapter archive of job-gone is missing"}
+    ]
