@@ -148,6 +148,8 @@ def test_a_job_followed_live_in_a_real_browser(
         WebDriverWait(browser, 30).until(
             ec.presence_of_element_located((By.CSS_SELECTOR, f'tr[data-job="{job["id"]}"]'))
         )
+        SCREENSHOTS.mkdir(exist_ok=True)
+        assert browser.save_screenshot(str(SCREENSHOTS / "dashboard-jobs.png"))
         browser.get(f"{api_url}/ui/jobs/{job['id']}")
         started = time.monotonic()
         WebDriverWait(browser, 240).until(
@@ -164,6 +166,8 @@ def test_a_job_followed_live_in_a_real_browser(
         links = browser.find_elements(By.CSS_SELECTOR, "#artifacts a")
         assert any(a.text.endswith(".tar.gz") for a in links)
         assert time.monotonic() - started < 240
+        browser.set_window_size(1280, 1600)
+        assert browser.save_screenshot(str(SCREENSHOTS / "dashboard-job-report.png"))
         # Per-question answers, filtered by the tuned model's outcome and the base's knowledge.
         rows = browser.find_elements(By.CSS_SELECTOR, "#answers tbody tr")
         assert len(rows) == 12  # two 6-question eval sets
@@ -175,6 +179,8 @@ def test_a_job_followed_live_in_a_real_browser(
         assert len(shown) == wrong
         assert all(r.get_attribute("data-outcome") == "wrong" for r in shown)
         assert browser.find_element(By.ID, "answers-count").text.startswith(f"{wrong} of 12")
+        browser.execute_script("document.getElementById('answers').scrollIntoView()")
+        assert browser.save_screenshot(str(SCREENSHOTS / "dashboard-answers-wrong.png"))
         # The try-it box: a question to the tuned model, answered on the page.
         browser.find_element(By.ID, "try-question").send_keys("What do bees make?")
         browser.find_element(By.ID, "try-ask").click()
@@ -187,7 +193,6 @@ def test_a_job_followed_live_in_a_real_browser(
             "window.scrollTo(0, arguments[0].getBoundingClientRect().top + window.scrollY - 120)",
             browser.find_element(By.ID, "try-it"),
         )
-        SCREENSHOTS.mkdir(exist_ok=True)
         assert browser.save_screenshot(str(SCREENSHOTS / "dashboard-try-it.png"))
     finally:
         browser.quit()
