@@ -25,7 +25,7 @@ from fastapi.responses import (
 )
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy.orm import Session
 
 from app.auth.service import Principal, authenticate
@@ -37,12 +37,14 @@ from app.deps import SettingsDep, StorageDep
 from app.errors import APIError
 from app.jobs import service as jobs
 from app.jobs.lifecycle import TERMINAL_STATUSES
-from app.jobs.schemas import EventObject, JobObject
+from app.jobs.schemas import EventObject, JobCreate, JobObject
 from app.jobs.stream import event_stream
 from app.openai_compat.schemas import fine_tuned_model_name
 from app.settings import Settings
 from app.storage import Storage
+from grait.config import DEFAULT_BASE_MODEL
 from grait.events import STAGES
+from grait.methods import METHOD_NAMES
 
 COOKIE = "grait_key"
 HERE = Path(__file__).parent
@@ -145,10 +147,78 @@ def _job_rows(session: Session, tenant_id: str) -> list[dict[str, Any]]:
     return [JobObject.of(row).model_dump(mode="json") for row in rows]
 
 
+def _jobs_context(session: Session, tenant_id: str) -> dict[str, Any]:
+    return {
+        "jobs": _job_rows(session, tenant_id),
+        "datasets": _dataset_rows(session, tenant_id),
+        "methods": METHOD_NAMES,
+        "default_method": JobCreate.model_fields["method"].default,
+        "default_base_model": DEFAULT_BASE_MODEL,
+    }
+
+
 @router.get("/jobs", response_class=HTMLResponse)
 async def jobs_page(request: Request, principal: PrincipalDep, settings: SettingsDep) -> Any:
-    rows = await _run(settings, lambda s: _job_rows(s, principal.tenant_id))
-    return _page(request, "jobs.html", jobs=rows)
+    context = await _run(settings, lambda s: _jobs_context(s, principal.tenant_id))
+    return _page(request, "jobs.html", **context, error=None, form={})
+
+
+def _spec_errors(exc: ValidationError) -> str:
+    """Pydantic's errors as `field: message` lines, the way the API's 422 names them."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors()
+    )
+
+
+@router.post("/jobs", response_class=HTMLResponse, response_model=None)
+async def submit(
+    request: Request,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    train_dataset: Annotated[str, Form()],
+    method: Annotated[str, Form()] = "",
+    base_model: Annotated[str, Form()] = "",
+    spec: Annotated[str, Form()] = "",
+) -> RedirectResponse | HTMLResponse:
+    """The API's submit from a form: dataset, method and model, plus any other field of
+    `POST /v1/jobs` as JSON. A spec that does not validate comes back with its errors."""
+    form = {"train_dataset": train_dataset, "method": method, "base_model": base_model}
+    error, status = None, 422
+    body: JobCreate | None = None
+    try:
+        extra = json.loads(spec) if spec.strip() else {}
+    except ValueError as exc:  # json's errors name line and column
+        extra, error = None, f"more settings: {exc}"
+    if extra is not None and not isinstance(extra, dict):
+        error = "more settings: a JSON object, as the body of POST /v1/jobs"
+    elif extra is not None:
+        try:
+            body = JobCreate.model_validate({**extra, **{k: v for k, v in form.items() if v}})
+        except ValidationError as exc:
+            error = _spec_errors(exc)
+    if body is not None:
+        submitted = body
+
+        def work(session: Session) -> str:
+            job, _ = jobs.submit_job(
+                session=session,
+                storage=storage,
+                settings=settings,
+                tenant_id=principal.tenant_id,
+                request=submitted,
+            )
+            return job.id
+
+        try:
+            job_id = await _run(settings, work)
+            return RedirectResponse(f"/ui/jobs/{job_id}", status_code=303)
+        except APIError as exc:  # e.g. an unknown dataset (404) or the tenant's quota (429)
+            error = f"{exc.param}: {exc.message}" if exc.param else exc.message
+            status = exc.status
+    context = await _run(settings, lambda s: _jobs_context(s, principal.tenant_id))
+    form["spec"] = spec
+    return _page(request, "jobs.html", status, **context, error=error, form=form)
 
 
 @router.get("/jobs.json")

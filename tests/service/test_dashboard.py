@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -94,6 +95,32 @@ def test_pages_show_the_tenants_jobs_and_another_tenants_job_is_a_404_page(
         assert asked.status_code == 404
 
 
+def test_the_submit_form_names_what_is_wrong_and_never_uses_another_tenants_data(
+    api_url: str,
+    api_key: str,
+    datasets: dict[str, str],
+    service_env: dict[str, str],
+    no_worker: Worker,
+) -> None:
+    train = datasets["mmlu"]
+    with _signed_in(api_url, api_key) as browser:
+        form = browser.get("/ui/jobs").text
+        assert 'id="submit-job"' in form and f'value="{train}"' in form
+        broken = browser.post("/ui/jobs", data={"train_dataset": train, "spec": '{"seed": '})
+        assert broken.status_code == 422 and "more settings: Expecting value" in broken.text
+        typed = browser.post("/ui/jobs", data={"train_dataset": train, "spec": '{"seed": "x"}'})
+        assert typed.status_code == 422 and "seed:" in typed.text
+        method = browser.post("/ui/jobs", data={"train_dataset": train, "method": "magic"})
+        assert method.status_code == 422 and "method:" in method.text
+    with _signed_in(api_url, make_key(service_env, "gamma")) as other:
+        foreign = other.post("/ui/jobs", data={"train_dataset": train})
+        # As the API answers it: a dataset the tenant cannot see is one that does not exist.
+        assert (
+            foreign.status_code == 422 and f"No dataset with id &#39;{train}&#39;" in foreign.text
+        )
+        assert train not in other.get("/ui/jobs").text  # not offered in the form either
+
+
 def test_an_upload_that_does_not_read_shows_its_line(api_url: str, api_key: str) -> None:
     bad = b'{"id": "q1", "question": "Q?", "answer": "A"}\n{"id": "q2", "question": \n'
     with _signed_in(api_url, api_key) as browser:
@@ -127,6 +154,7 @@ def test_a_job_followed_live_in_a_real_browser(
     datasets: dict[str, str],
     tiny_model: Path,
     worker: Worker,
+    tmp_path: Path,
 ) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -143,6 +171,31 @@ def test_a_job_followed_live_in_a_real_browser(
         assert cookie and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
         assert browser.execute_script("return document.cookie") == ""  # unreadable to scripts
 
+        # Upload through the page: a file that does not parse names its line, a good one lands.
+        (tmp_path / "bad.jsonl").write_text(
+            '{"id": "q1", "question": "Q?", "answer": "A"}\n{"id":\n'
+        )
+        (tmp_path / "good.jsonl").write_text('{"id": "q1", "question": "Q?", "answer": "A"}\n')
+        for name, shown in (("bad.jsonl", "upload-error"), ("good.jsonl", "upload-ok")):
+            browser.get(f"{api_url}/ui/datasets")
+            browser.find_element(By.ID, "file").send_keys(str(tmp_path / name))
+            browser.find_element(By.ID, "upload-button").click()
+            message = WebDriverWait(browser, 20).until(
+                ec.presence_of_element_located((By.ID, shown))
+            )
+            assert (
+                ("line 2" in message.text) if name == "bad.jsonl" else "Stored as" in message.text
+            )
+        # The submit form: a spec that does not validate comes back with the field it names.
+        browser.get(f"{api_url}/ui/jobs")
+        browser.execute_script("document.getElementById('new-job').open = true")
+        browser.find_element(By.ID, "spec").send_keys('{"seed": "first"}')
+        browser.find_element(By.ID, "submit-button").click()
+        error = WebDriverWait(browser, 20).until(
+            ec.presence_of_element_located((By.ID, "submit-error"))
+        )
+        assert "seed" in error.text, error.text
+
         job = client.post("/v1/jobs", json=tiny_job(tiny_model, datasets)).json()
         # The list picks the new job up by itself (it polls), then the job page follows it.
         WebDriverWait(browser, 30).until(
@@ -150,8 +203,37 @@ def test_a_job_followed_live_in_a_real_browser(
         )
         SCREENSHOTS.mkdir(exist_ok=True)
         assert browser.save_screenshot(str(SCREENSHOTS / "dashboard-jobs.png"))
+        # A second job through the form (queued behind the first; cancelled further down).
+        spec = tiny_job(tiny_model, datasets, seed=1)
+        browser.execute_script("document.getElementById('new-job').open = true")
+        Select(browser.find_element(By.ID, "train_dataset")).select_by_value(spec["train_dataset"])
+        Select(browser.find_element(By.ID, "method")).select_by_value("grait")
+        model_field = browser.find_element(By.ID, "base_model")
+        model_field.clear()
+        model_field.send_keys(spec["base_model"])
+        extra = {k: spec[k] for k in ("eval_datasets", "hyperparameters", "seed")}
+        spec_field = browser.find_element(By.ID, "spec")
+        spec_field.clear()
+        browser.execute_script("arguments[0].value = arguments[1]", spec_field, json.dumps(extra))
+        browser.find_element(By.ID, "submit-button").click()
+        WebDriverWait(browser, 20).until(ec.url_matches(r"/ui/jobs/job-[0-9a-f]+$"))
+        other = client.get(f"/v1/jobs/{browser.current_url.rsplit('/', 1)[-1]}").json()
+        assert other["method"] == "grait" and other["seed"] == 1
+        assert other["hyperparameters"]["lora"]["r"] == 4  # from the JSON settings
         browser.get(f"{api_url}/ui/jobs/{job['id']}")
         started = time.monotonic()
+        # The percent moves while the page stays loaded (a marker set now would not survive
+        # a reload), until the stream reports the end.
+        browser.execute_script("window.stillLoaded = true")
+        seen: list[str] = []
+        while time.monotonic() - started < 240:
+            status = browser.find_element(By.ID, "job-status").text
+            if status.startswith("succeeded"):
+                break
+            if browser.execute_script("return window.stillLoaded === true"):
+                seen.append(browser.find_element(By.ID, "job-percent").text)
+            time.sleep(0.2)
+        assert len(set(seen)) >= 2, seen
         WebDriverWait(browser, 240).until(
             ec.text_to_be_present_in_element((By.ID, "job-status"), "succeeded")
         )
@@ -164,7 +246,15 @@ def test_a_job_followed_live_in_a_real_browser(
         done = browser.find_elements(By.CSS_SELECTOR, "#timeline li.stage-done")
         assert {li.get_attribute("data-stage") for li in done} >= {"training", "evaluation"}
         links = browser.find_elements(By.CSS_SELECTOR, "#artifacts a")
-        assert any(a.text.endswith(".tar.gz") for a in links)
+        (adapter,) = [a.get_attribute("href") for a in links if a.text.endswith(".tar.gz")]
+        # The download, as the browser fetches it with its cookie: a gzip archive.
+        head = browser.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "fetch(arguments[0]).then(r => r.arrayBuffer())"
+            ".then(b => done(Array.from(new Uint8Array(b.slice(0, 2)))))",
+            adapter,
+        )
+        assert head == [0x1F, 0x8B]
         assert time.monotonic() - started < 240
         browser.set_window_size(1280, 1600)
         assert browser.save_screenshot(str(SCREENSHOTS / "dashboard-job-report.png"))
@@ -194,5 +284,14 @@ def test_a_job_followed_live_in_a_real_browser(
             browser.find_element(By.ID, "try-it"),
         )
         assert browser.save_screenshot(str(SCREENSHOTS / "dashboard-try-it.png"))
+
+        # The other job, queued behind the first or running by now, cancelled from its page.
+        browser.get(f"{api_url}/ui/jobs/{other['id']}")
+        browser.find_element(By.ID, "cancel").click()
+        WebDriverWait(browser, 120).until(
+            lambda _: client.get(f"/v1/jobs/{other['id']}").json()["status"] == "cancelled"
+        )
+        browser.get(f"{api_url}/ui/jobs/{other['id']}")
+        assert browser.find_element(By.ID, "job-status").text.startswith("cancelled")
     finally:
         browser.quit()

@@ -42,6 +42,7 @@ OPENAI_ROUTES = [
     ("POST", "/v1/fine_tuning/jobs/job-x/cancel"),
     ("GET", "/v1/fine_tuning/jobs/job-x/events"),
     ("GET", "/v1/fine_tuning/jobs/job-x/checkpoints"),
+    ("POST", "/v1/chat/completions"),
 ]
 
 
