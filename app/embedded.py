@@ -31,9 +31,24 @@ except OSError:  # not Linux/glibc: the lifespan shutdown still stops the worker
     _LIBC = None
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     if _LIBC is not None:
         _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def stop_process_group(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    """SIGTERM to a child started in its own session (and its children), SIGKILL after
+    `timeout`; nothing if it already exited."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+    except ProcessLookupError:
+        pass
 
 
 def worker_command(settings: Settings, *, name: str = EMBEDDED_WORKER_NAME) -> list[str]:
@@ -80,7 +95,7 @@ class EmbeddedWorker:
         self.proc = subprocess.Popen(
             worker_command(self.settings),
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - a single prctl call in the child
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - a single prctl call in the child
             env=os.environ.copy(),
         )
         log.info("embedded worker started (pid %s)", self.proc.pid)
@@ -103,14 +118,4 @@ class EmbeddedWorker:
 
     def stop(self, timeout: float = 15.0) -> None:
         self._stopping.set()
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-        except ProcessLookupError:
-            pass
+        stop_process_group(self.proc, timeout)

@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from typing import Any
 import httpx
 
 from app.chat.service import ServedModel
-from app.embedded import _die_with_parent
+from app.embedded import die_with_parent, stop_process_group
 from app.errors import APIError
 from app.settings import Settings
 
@@ -84,7 +83,7 @@ class ModelServer:
         self.proc = subprocess.Popen(  # noqa: ASYNC220
             [sys.executable, "-m", "worker.serving", "--host", "127.0.0.1", "--port", str(port)],
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - a single prctl call in the child
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - a single prctl call in the child
             env=os.environ.copy(),
         )
         url = f"http://127.0.0.1:{port}"
@@ -165,17 +164,7 @@ class ModelServer:
         return Generation(prompt_tokens=first["prompt_tokens"], events=rest())
 
     def stop(self, timeout: float = 10.0) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-        except ProcessLookupError:
-            pass
+        stop_process_group(self.proc, timeout)
 
     async def close(self) -> None:
         self.stop()
