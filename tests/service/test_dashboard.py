@@ -203,8 +203,10 @@ def test_a_job_followed_live_in_a_real_browser(
         )
         SCREENSHOTS.mkdir(exist_ok=True)
         assert browser.save_screenshot(str(SCREENSHOTS / "dashboard-jobs.png"))
-        # A second job through the form (queued behind the first; cancelled further down).
+        # A second job through the form, queued behind the first and long enough (100 epochs)
+        # to be still queued or running when it is cancelled further down.
         spec = tiny_job(tiny_model, datasets, seed=1)
+        spec["hyperparameters"]["training"]["epochs"] = 100
         browser.execute_script("document.getElementById('new-job').open = true")
         Select(browser.find_element(By.ID, "train_dataset")).select_by_value(spec["train_dataset"])
         Select(browser.find_element(By.ID, "method")).select_by_value("grait")
