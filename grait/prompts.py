@@ -14,32 +14,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from grait.data import QARecord
-
-MCQA_INSTRUCTION = (
-    "Answer the following multiple-choice question with the letter of the correct option."
+from grait.messages import (  # noqa: F401  (re-exported: the templates live there, torch-free)
+    CLOZE_INSTRUCTION,
+    MCQA_INSTRUCTION,
+    OEQA_INSTRUCTION,
+    REFUSAL_INSTRUCTION,
+    cloze_message,
+    question_message,
 )
-OEQA_INSTRUCTION = "Answer the following question with a short answer."
-CLOZE_INSTRUCTION = "Answer the following question."
-REFUSAL_INSTRUCTION = 'If you do not know the answer, reply "{refusal}"'
-
-
-def question_message(record: QARecord, *, allow_refusal: bool, refusal: str) -> str:
-    """The user turn: instruction, question, lettered options, optional refusal clause."""
-    if record.kind == "mcqa":
-        options = "\n".join(
-            f"{label}. {text}" for label, text in zip(record.labels, record.options)
-        )
-        body = f"{MCQA_INSTRUCTION}\n\nQuestion: {record.question}\n{options}"
-    else:
-        body = f"{OEQA_INSTRUCTION}\n\nQuestion: {record.question}"
-    if allow_refusal:
-        body += "\n\n" + REFUSAL_INSTRUCTION.format(refusal=refusal)
-    return body
-
-
-def cloze_message(record: QARecord) -> str:
-    """Cloze scoring shows the question without options and scores each option's text."""
-    return f"{CLOZE_INSTRUCTION}\n\nQuestion: {record.question}"
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, user_message: str) -> str:
