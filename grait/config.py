@@ -151,6 +151,13 @@ class KnowledgeConfig(_Strict):
         default_factory=AutoBudgetConfig, description="Used when n_idk is `auto`."
     )
     batch_size: int = Field(16, ge=1, le=4096)
+    token_budget: int | None = Field(
+        None,
+        ge=16,
+        le=10_000_000,
+        description="Cap on padded tokens per batch (prompts sorted by length fill each batch "
+        "up to it, never beyond `batch_size` rows); None = `batch_size` rows whatever their length.",
+    )
 
     @field_validator("n_idk", mode="before")
     @classmethod
@@ -386,9 +393,45 @@ class EvalConfig(_Strict):
 
     max_new_tokens: int = Field(24, ge=1, le=1024)
     batch_size: int = Field(16, ge=1, le=4096)
+    token_budget: int | None = Field(
+        None,
+        ge=16,
+        le=10_000_000,
+        description="Cap on padded tokens per batch of the evaluation's generation (prompt + "
+        "new tokens) and of the teacher-forced passes (fit check, `auto` budget probes); None = "
+        "`batch_size` rows whatever their length.",
+    )
     eval_base_refuse_prompt: bool = Field(
         True, description="Also report the base model told it may refuse (Init-Refuse)."
     )
+
+
+class LoadingConfig(_Strict):
+    """How the frozen base model sits in memory: what lets a 7-8B model fit one GPU (QLoRA).
+
+    4-bit is the paper's setting (NF4, bf16 compute, LoRA r=64 on top); quantisation needs
+    CUDA and the `bitsandbytes` package, and is refused with a clear error elsewhere.
+    """
+
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none", description="Load the base weights in 8 or 4 bit (bitsandbytes; CUDA only)."
+    )
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="4-bit: also quantise the quantisation scales.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Recompute activations in the backward pass (less memory, ~1/3 more "
+        "compute); auto = on when the base model is quantised.",
+    )
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel; auto = PyTorch SDPA (flash/memory-efficient on GPU)."
+    )
+
+    @property
+    def checkpointing(self) -> bool:
+        if self.gradient_checkpointing == "auto":
+            return self.quantization != "none"
+        return bool(self.gradient_checkpointing)
 
 
 class JobConfig(_Strict):
@@ -402,6 +445,7 @@ class JobConfig(_Strict):
     refusal: str = REFUSAL
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    loading: LoadingConfig = Field(default_factory=LoadingConfig)
     knowledge: KnowledgeConfig = Field(default_factory=KnowledgeConfig)
     lora: LoraConfigSpec = Field(default_factory=LoraConfigSpec)
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)

@@ -38,6 +38,7 @@ def answer_and_score(
     refusal: str,
     max_new_tokens: int,
     batch_size: int,
+    token_budget: int | None = None,
     tick: Callable[[int], None] | None = None,
 ) -> EvalRun:
     prompts = [
@@ -45,7 +46,13 @@ def answer_and_score(
         for r in records
     ]
     responses = generate(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, tick=tick
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        token_budget=token_budget,
+        tick=tick,
     )
     return EvalRun(responses, [score_response(r, text) for r, text in zip(records, responses)])
 

@@ -54,6 +54,7 @@ def check_fit(
     *,
     pad_id: int,
     batch_size: int,
+    token_budget: int | None = None,
     seed: int = 0,
 ) -> FitCheck:
     """`examples` are (kind, encoded prompt + training target); kind `idk` = a refusal."""
@@ -61,10 +62,14 @@ def check_fit(
     refusals = _sample([e for k, e in examples if k in REFUSAL_KINDS], cfg.max_rows, rng)
     answers = _sample([e for k, e in examples if k not in REFUSAL_KINDS], cfg.max_rows, rng)
     model.eval()
-    hits = [
-        s.greedy
-        for s in score_encoded(model, refusals + answers, pad_id=pad_id, batch_size=batch_size)
-    ]
+    scores = score_encoded(
+        model,
+        refusals + answers,
+        pad_id=pad_id,
+        batch_size=batch_size,
+        token_budget=token_budget,
+    )
+    hits = [s.greedy for s in scores]
     refusal_hits, answer_hits = hits[: len(refusals)], hits[len(refusals) :]
     learned = sum(refusal_hits) / len(refusals) if refusals else None
     kept = sum(answer_hits) / len(answers) if answers else None

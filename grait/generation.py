@@ -8,6 +8,8 @@ from typing import overload
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from grait.batching import budget_batches
+
 
 @overload
 def generate(
@@ -17,6 +19,7 @@ def generate(
     *,
     max_new_tokens: int,
     batch_size: int,
+    token_budget: int | None = None,
     num_samples: None = None,
     temperature: float = 1.0,
     tick: Callable[[int], None] | None = None,
@@ -31,6 +34,7 @@ def generate(
     *,
     max_new_tokens: int,
     batch_size: int,
+    token_budget: int | None = None,
     num_samples: int,
     temperature: float = 1.0,
     tick: Callable[[int], None] | None = None,
@@ -45,6 +49,7 @@ def generate(
     *,
     max_new_tokens: int,
     batch_size: int,
+    token_budget: int | None = None,
     num_samples: int | None = None,
     temperature: float = 1.0,
     tick: Callable[[int], None] | None = None,
@@ -52,6 +57,9 @@ def generate(
     """Greedy when `num_samples` is None (one string per prompt), else that many samples each.
 
     Prompts are sorted by length so a batch pads little; results come back in input order.
+    A batch holds at most `batch_size` prompts and, with `token_budget`, at most that many
+    padded tokens: rows (prompts x samples) x (longest prompt + `max_new_tokens`), the
+    length the KV cache reaches.
     """
     device = next(model.parameters()).device
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -61,8 +69,14 @@ def generate(
     was_training = model.training
     model.eval()
     done = 0
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    batches = budget_batches(
+        order,
+        [len(e) + max_new_tokens for e in encoded],
+        batch_size=batch_size,
+        token_budget=token_budget,
+        rows_per_item=num_samples or 1,
+    )
+    for idx in batches:
         width = max(len(encoded[i]) for i in idx)
         ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from grait.batching import budget_batches
 from grait.config import KnowledgeConfig
 from grait.data import QARecord
 from grait.generation import generate
@@ -65,10 +66,6 @@ def choose_scorer(scorer: str, n_parameters: int) -> str:
     return "cloze" if n_parameters < 3_000_000_000 else "letter"
 
 
-def _batches(n: int, size: int) -> list[range]:
-    return [range(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 @torch.no_grad()
 def score_options_cloze(
     model: PreTrainedModel,
@@ -76,10 +73,14 @@ def score_options_cloze(
     records: Sequence[QARecord],
     *,
     batch_size: int,
+    token_budget: int | None = None,
     max_length: int = 512,
     tick: Tick | None = None,
 ) -> list[np.ndarray]:
-    """Per record, softmax over options of each option text's mean token log-likelihood."""
+    """Per record, softmax over options of each option text's mean token log-likelihood.
+
+    Every option is its own sequence, so `batch_size` and `token_budget` count options.
+    """
     pairs: list[tuple[int, int]] = []
     encoded = []
     eoa = end_of_answer(tokenizer)
@@ -94,8 +95,8 @@ def score_options_cloze(
     device = next(model.parameters()).device
     done_options = 0
     options_per_record = max(1, len(encoded) // max(1, len(records)))
-    for chunk in _batches(len(order), batch_size):
-        idx = [order[i] for i in chunk]
+    lengths = [len(e.ids) for e in encoded]
+    for idx in budget_batches(order, lengths, batch_size=batch_size, token_budget=token_budget):
         batch = collate([encoded[i] for i in idx], tokenizer.pad_token_id).to(device)
         loss = per_sample_answer_loss(*answer_logits(model, batch))
         scores[idx] = (-loss).cpu().numpy()
@@ -130,6 +131,7 @@ def score_options_letter(
     records: Sequence[QARecord],
     *,
     batch_size: int,
+    token_budget: int | None = None,
     refusal: str,
     tick: Tick | None = None,
 ) -> list[np.ndarray]:
@@ -139,10 +141,17 @@ def score_options_letter(
         render_prompt(tokenizer, question_message(r, allow_refusal=False, refusal=refusal))
         for r in records
     ]
-    out: list[np.ndarray] = []
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = list(range(len(records)))
+    if token_budget is not None:  # a budget packs well only over length-sorted prompts
+        order.sort(key=lambda i: len(encoded[i]))
+    batches = budget_batches(
+        order, [len(e) for e in encoded], batch_size=batch_size, token_budget=token_budget
+    )
+    out: list[np.ndarray] = [np.zeros(0)] * len(records)
     done = 0
-    for chunk in _batches(len(records), batch_size):
-        enc = [tokenizer(prompts[i], add_special_tokens=False)["input_ids"] for i in chunk]
+    for chunk in batches:
+        enc = [encoded[i] for i in chunk]
         width = max(len(e) for e in enc)
         # Left padding puts every prompt's last token in the final column.
         ids = torch.full((len(enc), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -165,7 +174,7 @@ def score_options_letter(
                     for lab in rec.labels
                 ]
             )
-            out.append(p / p.sum() if p.sum() > 0 else np.full(len(p), 1.0 / len(p)))
+            out[i] = p / p.sum() if p.sum() > 0 else np.full(len(p), 1.0 / len(p))
         done += len(chunk)
         if tick:
             tick(done)
@@ -183,10 +192,23 @@ def query_mcqa(
     tick: Tick | None = None,
 ) -> list[KnowledgeResult]:
     if scorer == "cloze":
-        dists = score_options_cloze(model, tokenizer, records, batch_size=cfg.batch_size, tick=tick)
+        dists = score_options_cloze(
+            model,
+            tokenizer,
+            records,
+            batch_size=cfg.batch_size,
+            token_budget=cfg.token_budget,
+            tick=tick,
+        )
     else:
         dists = score_options_letter(
-            model, tokenizer, records, batch_size=cfg.batch_size, refusal=refusal, tick=tick
+            model,
+            tokenizer,
+            records,
+            batch_size=cfg.batch_size,
+            token_budget=cfg.token_budget,
+            refusal=refusal,
+            tick=tick,
         )
     results = []
     for rec, p in zip(records, dists):
@@ -219,7 +241,12 @@ def query_oeqa(
         for r in records
     ]
     greedy = generate(
-        model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        token_budget=cfg.token_budget,
     )
     torch.manual_seed(seed)
     sampled = generate(
@@ -228,6 +255,7 @@ def query_oeqa(
         prompts,
         max_new_tokens=cfg.max_new_tokens,
         batch_size=max(1, cfg.batch_size // max(1, cfg.k_samples)),
+        token_budget=cfg.token_budget,
         num_samples=cfg.k_samples,
         temperature=cfg.temperature,
         tick=tick,

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from grait.batching import budget_batches
 from grait.data import QARecord
 from grait.prompts import (
     Encoded,
@@ -51,6 +52,7 @@ def score_targets(
     targets: Sequence[str],
     *,
     batch_size: int = 32,
+    token_budget: int | None = None,
     max_length: int = 512,
     tick: Callable[[int], None] | None = None,
 ) -> list[TargetScore]:
@@ -59,7 +61,12 @@ def score_targets(
         raise ValueError("one target per prompt")
     encoded = [encode(tokenizer, p, t, max_length=max_length) for p, t in zip(prompts, targets)]
     return score_encoded(
-        model, encoded, pad_id=tokenizer.pad_token_id, batch_size=batch_size, tick=tick
+        model,
+        encoded,
+        pad_id=tokenizer.pad_token_id,
+        batch_size=batch_size,
+        token_budget=token_budget,
+        tick=tick,
     )
 
 
@@ -70,13 +77,27 @@ def score_encoded(
     *,
     pad_id: int,
     batch_size: int = 32,
+    token_budget: int | None = None,
     tick: Callable[[int], None] | None = None,
 ) -> list[TargetScore]:
-    """The same on token ids: each item's target is ids[n_prompt:]."""
+    """The same on token ids: each item's target is ids[n_prompt:].
+
+    With `token_budget` a batch also holds at most that many padded tokens, over items taken
+    in length order; scores come back in input order either way.
+    """
     device = next(model.parameters()).device
-    out: list[TargetScore] = []
-    for start in range(0, len(encoded), batch_size):
-        batch = collate(encoded[start : start + batch_size], pad_id).to(device)
+    order = list(range(len(encoded)))
+    if token_budget is not None:  # a budget packs well only over length-sorted items
+        order.sort(key=lambda i: len(encoded[i].ids))
+    batches = budget_batches(
+        order,
+        [len(e.ids) for e in encoded],
+        batch_size=batch_size,
+        token_budget=token_budget,
+    )
+    scores: dict[int, TargetScore] = {}
+    for idx in batches:
+        batch = collate([encoded[i] for i in idx], pad_id).to(device)
         logits, labels = answer_logits(model, batch)
         logits, labels = logits[:, :-1].float(), labels[:, 1:]
         mask = labels != -100
@@ -85,10 +106,11 @@ def score_encoded(
         hit = (logits.argmax(dim=-1) == safe) | ~mask
         total = (logp * mask).sum(dim=1)
         greedy = hit.all(dim=1)
-        out.extend(TargetScore(float(t), bool(g)) for t, g in zip(total.cpu(), greedy.cpu()))
+        for i, t, g in zip(idx, total.cpu(), greedy.cpu()):
+            scores[i] = TargetScore(float(t), bool(g))
         if tick:
-            tick(len(out))
-    return out
+            tick(len(scores))
+    return [scores[i] for i in range(len(encoded))]
 
 
 @dataclass(frozen=True)
@@ -106,6 +128,7 @@ def probe_refusals(
     *,
     refusal: str,
     batch_size: int = 32,
+    token_budget: int | None = None,
     max_length: int = 512,
 ) -> RefusalProbe:
     """Two teacher-forced passes per question under the RAIT (refusal-allowed) prompt."""
@@ -113,9 +136,20 @@ def probe_refusals(
         render_prompt(tokenizer, question_message(r, allow_refusal=True, refusal=refusal))
         for r in records
     ]
-    kw = {"batch_size": batch_size, "max_length": max_length}
-    refuse = score_targets(model, tokenizer, prompts, [refusal] * len(records), **kw)
-    answer = score_targets(model, tokenizer, prompts, [r.answer_text for r in records], **kw)
+
+    def score(targets: list[str]) -> list[TargetScore]:
+        return score_targets(
+            model,
+            tokenizer,
+            prompts,
+            targets,
+            batch_size=batch_size,
+            token_budget=token_budget,
+            max_length=max_length,
+        )
+
+    refuse = score([refusal] * len(records))
+    answer = score([r.answer_text for r in records])
     outcomes: list[Outcome] = [
         "refused" if r.greedy else "correct" if a.greedy else "wrong"
         for r, a in zip(refuse, answer)

@@ -137,3 +137,43 @@ def test_fixed_steps_hash_as_before_auto_epochs_existed():
     assert config_hash(free) != config_hash(
         JobConfig.model_validate({**spec, "training": {"epochs": 3}})
     )
+
+
+def test_a_token_budget_leaves_the_fit_check_as_it_was(tiny_model_dir):
+    from grait.fit_check import check_fit
+    from grait.models import load_base_model, pick_runtime
+    from grait.prompts import encode
+
+    model, tok = load_base_model(str(tiny_model_dir), pick_runtime("cpu", "float32"))
+    examples = [
+        (
+            "idk" if i % 2 else "ik",
+            encode(
+                tok,
+                f"Q{i}: " + "word " * (3 * i),
+                "I don't know." if i % 2 else "Paris",
+                max_length=128,
+            ),
+        )
+        for i in (5, 2, 7, 0, 3, 6, 1, 4)
+    ]
+    cfg = FitCheckConfig(min_refusal_learned=0.0, min_answers_kept=0.0)
+    plain = check_fit(model, examples, cfg, pad_id=tok.pad_token_id, batch_size=4)
+    budget = max(len(e.ids) for _, e in examples)
+    budgeted = check_fit(
+        model, examples, cfg, pad_id=tok.pad_token_id, batch_size=4, token_budget=budget
+    )
+    assert budgeted == plain and plain.n_refusal == plain.n_answer == 4
+
+
+def test_loading_and_token_budgets_at_their_defaults_keep_earlier_run_directory_hashes():
+    """Pinned from the code before `loading` and `token_budget` existed: run folders resume."""
+    old = {"train": {"path": "/x.jsonl"}, "method": "grait", "training": {"epochs": 3}}
+    assert config_hash(JobConfig.model_validate(old)) == "1f8e33f7f722cb9e"
+    assert config_hash(JobConfig.model_validate({"train": {"path": "/x.jsonl"}})) == (
+        "479b26b3ec420936"
+    )
+    four_bit = {**old, "loading": {"quantization": "4bit"}}
+    budget = {**old, "evaluation": {"token_budget": 4096}}
+    assert config_hash(JobConfig.model_validate(four_bit)) != "1f8e33f7f722cb9e"
+    assert config_hash(JobConfig.model_validate(budget)) != "1f8e33f7f722cb9e"

@@ -5,6 +5,7 @@ from transformers import AutoModelForCausalLM
 
 from grait.config import KnowledgeConfig
 from grait.data import QARecord, mcqa
+from grait.generation import generate
 from grait.knowledge import (
     KnowledgeResult,
     certainty_from_distribution,
@@ -12,6 +13,7 @@ from grait.knowledge import (
     query_mcqa,
     query_oeqa,
     score_options_cloze,
+    score_options_letter,
     split_known_unknown,
 )
 from grait.models import load_tokenizer
@@ -66,6 +68,31 @@ def test_cloze_scores_are_the_softmax_of_mean_option_log_likelihoods(tiny):
     expected = np.exp(lls) / np.exp(lls).sum()
     assert dists[1] == pytest.approx(expected, abs=1e-4)
     assert [len(d) for d in dists] == [3, 5]
+
+
+def test_a_small_token_budget_gives_the_same_results_as_fixed_batches(tiny):
+    model, tok = tiny
+    records = RECORDS + [
+        mcqa("c", "Which is a fruit?", ["apple", "chair"], "A"),
+        mcqa("d", "What do bees make, stored in combs in their hive?", ["wax", "honey"], "B"),
+    ]
+    fixed = score_options_cloze(model, tok, records, batch_size=16)
+    # Room for about two option sequences per forward: 12 options become several batches.
+    budgeted = score_options_cloze(model, tok, records, batch_size=16, token_budget=150)
+    for a, b in zip(fixed, budgeted):
+        assert b == pytest.approx(a, abs=1e-5)
+    letter = score_options_letter(model, tok, records, batch_size=16, refusal="I don't know.")
+    letter_budgeted = score_options_letter(
+        model, tok, records, batch_size=16, token_budget=150, refusal="I don't know."
+    )
+    for a, b in zip(letter, letter_budgeted):
+        assert b == pytest.approx(a, abs=1e-5)
+    prompts = ["Hi", "Tell me a long story about the sea and the ships on it", "2 + 2 =", "Why?"]
+    greedy = generate(model, tok, prompts, max_new_tokens=5, batch_size=16)
+    greedy_budgeted = generate(
+        model, tok, prompts, max_new_tokens=5, batch_size=16, token_budget=16
+    )
+    assert greedy_budgeted == greedy
 
 
 def test_mcqa_query_marks_known_by_tau(tiny):

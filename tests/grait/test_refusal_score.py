@@ -65,3 +65,42 @@ def test_probe_outcomes_and_scores_have_one_entry_per_question(tiny_model_dir: P
     assert len(probe.outcomes) == 5 and probe.scores.shape == (5,)
     assert set(probe.outcomes) <= {"refused", "correct", "wrong"}
     assert np.isfinite(probe.scores).all()
+
+
+def test_a_token_budget_changes_the_batches_not_the_scores(tiny_model_dir: Path):
+    from grait.prompts import encode
+
+    model, tok = load_base_model(str(tiny_model_dir), pick_runtime("cpu", "float32"))
+    # Lengths out of order, so the budget's length sort has to be undone.
+    items = [
+        encode(tok, f"Question {i}: " + "word " * (4 * i), "I don't know.", max_length=256)
+        for i in (5, 0, 3, 1, 4, 2)
+    ]
+    plain_batches: list[int] = []
+    budgeted_batches: list[int] = []
+    plain = score_encoded(
+        model, items, pad_id=tok.pad_token_id, batch_size=4, tick=plain_batches.append
+    )
+    budget = max(len(e.ids) for e in items) + 20  # the longest alone; short ones in pairs
+    budgeted = score_encoded(
+        model,
+        items,
+        pad_id=tok.pad_token_id,
+        batch_size=4,
+        token_budget=budget,
+        tick=budgeted_batches.append,
+    )
+    assert len(budgeted_batches) > len(plain_batches)
+    assert [s.greedy for s in budgeted] == [s.greedy for s in plain]
+    assert [s.logprob for s in budgeted] == pytest.approx([s.logprob for s in plain], rel=1e-5)
+
+    records = [
+        QARecord(id=f"q{i}", question=f"Who made thing {i}? " + "Tell me. " * i, aliases=("Ada",))
+        for i in (3, 0, 2, 1)
+    ]
+    probe = probe_refusals(model, tok, records, refusal="I don't know.", batch_size=4)
+    small = probe_refusals(
+        model, tok, records, refusal="I don't know.", batch_size=4, token_budget=budget
+    )
+    assert small.outcomes == probe.outcomes
+    assert small.scores == pytest.approx(probe.scores, rel=1e-5)
