@@ -8,6 +8,14 @@ Per-sample gradients come from one batched forward+backward: every LoRA factor i
 `nn.Linear`, so its weight gradient is sum_t dY_t^T X_t; keeping X (forward hook) and dY
 (tensor hook) per sample gives each sample's gradient without a loop of batch size 1. The
 batch loss is the *sum* of per-sample losses so no sample is scaled by 1/B.
+
+The features never hold a batch's whole flattened gradient: for an 8B model with r=64 on
+every linear layer P is ~168M, so [B, P] float32 is ~11 GB at B=16. Projection is linear
+and preconditioning elementwise, so each LoRA factor's block is preconditioned and
+projected with its own slice of the moments and of the projection, and the [B, d] results
+are summed. Nor does it keep every factor's dY until the backward pass ends (B x T x out
+for each, ~20 GB in bf16 at that size): each factor's block is made and projected inside
+its gradient hook, the moment its dY arrives, and its X and dY are dropped there.
 """
 
 from __future__ import annotations
@@ -15,10 +23,12 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -31,7 +41,13 @@ _LORA_FACTOR = re.compile(r"\.lora_[AB]\.[^.]+$")
 
 
 class LoraGradientCapture:
-    """Hooks every LoRA factor to keep its inputs and output gradients for one batch."""
+    """Hooks every LoRA factor to get each sample's gradient of it from one batched pass.
+
+    By default the hooks keep each factor's input X and output gradient dY until
+    `module_gradients()` consumes them (tests, benchmarks). Inside `projecting()` each
+    factor's block is made, preconditioned and projected the moment its dY arrives, so only
+    the factor being processed has a dY held beside autograd's own.
+    """
 
     def __init__(self, model: nn.Module):
         self.modules: list[tuple[str, nn.Linear]] = [
@@ -41,9 +57,16 @@ class LoraGradientCapture:
         ]
         if not self.modules:
             raise ValueError("model has no trainable LoRA factors (lora_A/lora_B Linear layers)")
-        self.n_params = sum(m.weight.numel() for _, m in self.modules)
+        names = [name for name, _ in self.modules]
+        sizes = [mod.weight.numel() for _, mod in self.modules]
+        self.n_params = sum(sizes)
+        # Where each factor's block starts in the flattened [B, P] layout.
+        self._offsets = dict(zip(names, accumulate(sizes, initial=0)))
+        self._sizes = dict(zip(names, sizes))
         self._inputs: dict[str, torch.Tensor] = {}
         self._grads: dict[str, torch.Tensor] = {}
+        self._sums: ProjectionSums | None = None  # set while projecting()
+        self._projected: set[str] = set()
         self._handles = [
             mod.register_forward_hook(self._forward_hook(name)) for name, mod in self.modules
         ]
@@ -56,36 +79,104 @@ class LoraGradientCapture:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             self._inputs[name] = inputs[0].detach()
             if output.requires_grad:
-                output.register_hook(lambda grad: self._grads.__setitem__(name, grad.detach()))
+                output.register_hook(self._gradient_hook(name))
 
         return hook
 
+    def _gradient_hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            if self._sums is None:
+                self._grads[name] = grad.detach()
+                return
+            # Autograd calls these hooks in whatever order its graph dictates; the sum does
+            # not care, but a second call would count the factor twice.
+            if name in self._projected:
+                raise RuntimeError(
+                    f"LoRA factor {name} got a second output gradient in one batch: each "
+                    "factor must run once per forward pass and the batch backward once"
+                )
+            self._projected.add(name)
+            self._sums.add(self._block(name, grad.detach()), self._offsets[name])
+
+        return hook
+
+    def _block(self, name: str, grad: torch.Tensor | None) -> torch.Tensor:
+        """[B, P_m] float32: one factor's per-sample gradient; releases its captured input.
+
+        A factor whose output got no gradient (it did not reach the loss) has a zero one.
+        """
+        x = self._inputs.pop(name, None)
+        if x is None:
+            raise RuntimeError(
+                f"LoRA factor {name} has no captured input: it did not run in this batch's "
+                "forward pass"
+            )
+        if grad is None:
+            return torch.zeros(x.shape[0], self._sizes[name], device=x.device)
+        return torch.einsum("bto,bti->boi", grad.float(), x.float()).flatten(1)
+
+    def module_gradients(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(offset, [B, P_m] float32) per LoRA factor, in module order; consumes the batch.
+
+        `offset` is where the block starts in the flattened [B, P] layout. Each factor's
+        captured activations are released once its block is made, so memory shrinks as the
+        iteration goes.
+        """
+        try:
+            for name, _ in self.modules:
+                yield self._offsets[name], self._block(name, self._grads.pop(name, None))
+        finally:
+            self._inputs.clear()
+            self._grads.clear()
+
     def per_sample_gradients(self) -> torch.Tensor:
         """[B, P] float32: each sample's gradient, flattened in module order."""
-        parts = []
-        for name, _ in self.modules:
-            x = self._inputs[name].float()
-            g = self._grads[name].float()
-            parts.append(torch.einsum("bto,bti->boi", g, x).flatten(1))
-        self._inputs.clear()
-        self._grads.clear()
-        return torch.cat(parts, dim=1)
+        return torch.cat([block for _, block in self.module_gradients()], dim=1)
+
+    @contextmanager
+    def projecting(
+        self, projection: Projection, preconditioner: Preconditioner | None
+    ) -> Iterator[ProjectionSums]:
+        """Project each factor's gradient inside its hook, for the one batch run in the block.
+
+        The yielded sums are complete once the block exits: factors whose output got no
+        gradient are added then as zero gradients, exactly as `module_gradients()` gives them.
+        """
+        if self._sums is not None:
+            raise RuntimeError("this capture is already projecting a batch")
+        sums = ProjectionSums(projection, preconditioner)
+        self._sums = sums
+        try:
+            yield sums
+            for name, _ in self.modules:
+                if name not in self._projected:
+                    sums.add(self._block(name, None), self._offsets[name])
+        finally:
+            self._sums = None
+            self._projected.clear()
+            self._inputs.clear()
+            self._grads.clear()
 
     def close(self) -> None:
         for h in self._handles:
             h.remove()
 
 
-def per_sample_lora_gradients(
-    model: nn.Module, capture: LoraGradientCapture, items: Sequence[Encoded], pad_id: int
-) -> torch.Tensor:
-    """One forward+backward over the batch; returns [B, P] per-sample gradients."""
+def _backward_batch(model: nn.Module, items: Sequence[Encoded], pad_id: int) -> None:
+    """One forward+backward over the batch; the capture's hooks take what they need."""
     device = next(model.parameters()).device
     batch = collate(items, pad_id).to(device)
     # Logits only where answers are predicted: the LM head over the prompt is wasted work.
     loss = per_sample_answer_loss(*answer_logits(model, batch)).sum()
     loss.backward()
     model.zero_grad(set_to_none=True)
+
+
+def per_sample_lora_gradients(
+    model: nn.Module, capture: LoraGradientCapture, items: Sequence[Encoded], pad_id: int
+) -> torch.Tensor:
+    """One forward+backward over the batch; returns [B, P] per-sample gradients."""
+    _backward_batch(model, items, pad_id)
     return capture.per_sample_gradients()
 
 
@@ -159,21 +250,41 @@ class Preconditioner:
             self.c2 = 1 - self.b2**t
 
     def __call__(self, g: torch.Tensor) -> torch.Tensor:
+        return self.block(g, 0)
+
+    def block(self, g: torch.Tensor, offset: int) -> torch.Tensor:
+        """Precondition columns offset .. offset + g.shape[1] of the flattened gradient."""
         if self.kind == "none":
             return g
-        v_hat = (self.b2 * self.v + (1 - self.b2) * g * g) / self.c2
+        end = offset + g.shape[-1]
+        v_hat = (self.b2 * self.v[offset:end] + (1 - self.b2) * g * g) / self.c2
         denom = v_hat.sqrt() + self.eps
         if self.kind == "rms":
             return g / denom
-        m_hat = (self.b1 * self.m + (1 - self.b1) * g) / self.c1
+        m_hat = (self.b1 * self.m[offset:end] + (1 - self.b1) * g) / self.c1
         return m_hat / denom
+
+
+class Projection(Protocol):
+    """A linear map of the flattened gradient to `dim` columns, applicable block by block."""
+
+    dim: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def project_block(self, x: torch.Tensor, offset: int) -> torch.Tensor:
+        """[B, dim]: the contribution of columns offset .. offset + x.shape[1]."""
+        ...
 
 
 class SparseProjection:
     """Sparse JL projection: each coordinate hashed once into each of s blocks with a sign.
 
     Needs an index of s*P ints instead of a dense P x d matrix (7.5-80 GB at d=8192) and
-    preserves cosines about as well as a dense Gaussian projection (grait.md).
+    preserves cosines about as well as a dense Gaussian projection (grait.md). The index is
+    kept as int32 and the signs as int8 (5 bytes a coordinate a block: ~3.4 GB at P=168M,
+    s=4, against ~8 GB as int64 and float32); the draws are those of the int64 original, so
+    a seed gives the same features as it always has.
     """
 
     def __init__(self, n_params: int, dim: int, *, blocks: int, seed: int, device: torch.device):
@@ -183,19 +294,27 @@ class SparseProjection:
         width = dim // blocks
         self.dim = dim
         self.scale = 1.0 / math.sqrt(blocks)
+        # Same generator calls in the same order as ever: changing them would change old runs.
         self.index = [
-            (torch.randint(0, width, (n_params,), generator=gen) + j * width).to(device)
+            (torch.randint(0, width, (n_params,), generator=gen) + j * width)
+            .to(torch.int32)
+            .to(device)
             for j in range(blocks)
         ]
         self.sign = [
-            (torch.randint(0, 2, (n_params,), generator=gen).float() * 2 - 1).to(device)
+            (torch.randint(0, 2, (n_params,), generator=gen) * 2 - 1).to(torch.int8).to(device)
             for _ in range(blocks)
         ]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project_block(x, 0)
+
+    def project_block(self, x: torch.Tensor, offset: int) -> torch.Tensor:
+        end = offset + x.shape[1]
         out = torch.zeros(x.shape[0], self.dim, device=x.device, dtype=torch.float32)
         for idx, sign in zip(self.index, self.sign):
-            out.index_add_(1, idx, x * sign)
+            # index_add_ takes int32 indices; the +-1 signs multiply exactly in x's dtype.
+            out.index_add_(1, idx[offset:end], x * sign[offset:end].to(x.dtype))
         return out * self.scale
 
 
@@ -204,15 +323,19 @@ class DenseProjection:
 
     def __init__(self, n_params: int, dim: int, *, seed: int, device: torch.device):
         gen = torch.Generator().manual_seed(seed)
+        self.dim = dim
         self.matrix = (torch.randn(n_params, dim, generator=gen) / math.sqrt(dim)).to(device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.matrix
+        return self.project_block(x, 0)
+
+    def project_block(self, x: torch.Tensor, offset: int) -> torch.Tensor:
+        return x @ self.matrix[offset : offset + x.shape[1]]
 
 
 def make_projection(
     kind: str, n_params: int, dim: int, *, blocks: int, seed: int, device: torch.device
-):
+) -> SparseProjection | DenseProjection:
     if kind == "dense":
         return DenseProjection(n_params, dim, seed=seed, device=device)
     return SparseProjection(n_params, dim, blocks=blocks, seed=seed, device=device)
@@ -251,6 +374,71 @@ class FeatureStore:
         return (self.root / f"{name}.npy").exists() and self._meta_path(name).exists()
 
 
+@dataclass(frozen=True)
+class ProjectedGradients:
+    """One batch's projected per-sample gradients, before normalisation."""
+
+    raw: torch.Tensor  # [B, d]
+    pre: torch.Tensor | None  # [B, d], preconditioned; None without a preconditioner
+    sq_norm: torch.Tensor  # [B], squared L2 norm of each full raw gradient
+
+
+class ProjectionSums:
+    """Running [B, d] sums of a batch's projected gradient blocks, added in any order.
+
+    Projection is linear and preconditioning elementwise, so each block is preconditioned
+    and projected with its own slices and the parts summed: extra memory B x P_m + B x d.
+    """
+
+    def __init__(self, projection: Projection, preconditioner: Preconditioner | None):
+        self.projection = projection
+        self.preconditioner = preconditioner
+        self._raw: torch.Tensor | None = None
+        self._pre: torch.Tensor | None = None
+        self._sq_norm: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def add(self, g: torch.Tensor, offset: int) -> None:
+        """Add the block g ([B, P_m]) of columns offset .. offset + P_m."""
+        part = self.projection.project_block(g, offset)
+        self._raw = part if self._raw is None else self._raw + part
+        sq = g.square().sum(dim=1)
+        self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq
+        if self.preconditioner is not None:
+            part = self.projection.project_block(self.preconditioner.block(g, offset), offset)
+            self._pre = part if self._pre is None else self._pre + part
+
+    def result(self) -> ProjectedGradients:
+        if self._raw is None or self._sq_norm is None:
+            raise RuntimeError("no gradient block was added")
+        return ProjectedGradients(self._raw, self._pre, self._sq_norm)
+
+
+def project_captured_gradients(
+    capture: LoraGradientCapture, projection: Projection, preconditioner: Preconditioner | None
+) -> ProjectedGradients:
+    """Project a batch the capture kept, module by module: the reference for the hook path."""
+    sums = ProjectionSums(projection, preconditioner)
+    for offset, g in capture.module_gradients():
+        sums.add(g, offset)
+    return sums.result()
+
+
+def projected_lora_gradients(
+    model: nn.Module,
+    capture: LoraGradientCapture,
+    items: Sequence[Encoded],
+    pad_id: int,
+    *,
+    projection: Projection,
+    preconditioner: Preconditioner | None,
+) -> ProjectedGradients:
+    """One forward+backward over the batch, each factor projected as its gradient arrives."""
+    with capture.projecting(projection, preconditioner) as sums:
+        _backward_batch(model, items, pad_id)
+    return sums.result()
+
+
 def compute_features(
     model: nn.Module,
     capture: LoraGradientCapture,
@@ -258,7 +446,7 @@ def compute_features(
     *,
     pad_id: int,
     batch_size: int,
-    projection: Callable[[torch.Tensor], torch.Tensor],
+    projection: Projection,
     preconditioner: Preconditioner | None,
     out_raw: np.ndarray,
     out_pre: np.ndarray | None,
@@ -277,16 +465,20 @@ def compute_features(
         if should_cancel():
             raise Cancelled("gradient features stopped on request")
         idx = order[start : start + batch_size]
-        grads = per_sample_lora_gradients(model, capture, [items[i] for i in idx], pad_id)
-        row_norm = grads.norm(dim=1)
+        proj = projected_lora_gradients(
+            model,
+            capture,
+            [items[i] for i in idx],
+            pad_id,
+            projection=projection,
+            preconditioner=preconditioner if out_pre is not None else None,
+        )
+        row_norm = proj.sq_norm.sqrt()
         zero_rows += int((row_norm == 0).sum())
         norms.extend(row_norm.tolist())
-        with torch.no_grad():
-            out_raw[idx] = l2_normalise(projection(grads)).cpu().numpy().astype(np.float16)
-            if out_pre is not None and preconditioner is not None:
-                out_pre[idx] = (
-                    l2_normalise(projection(preconditioner(grads))).cpu().numpy().astype(np.float16)
-                )
+        out_raw[idx] = l2_normalise(proj.raw).cpu().numpy().astype(np.float16)
+        if out_pre is not None and proj.pre is not None:
+            out_pre[idx] = l2_normalise(proj.pre).cpu().numpy().astype(np.float16)
         done += len(idx)
         if tick:
             tick(done)

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from grait.data import mcqa
@@ -11,13 +12,17 @@ from grait.features import (
     FeatureStore,
     LoraGradientCapture,
     Preconditioner,
+    ProjectionSums,
     SparseProjection,
     compute_features,
     l2_normalise,
+    make_projection,
     per_sample_lora_gradients,
+    project_captured_gradients,
+    projected_lora_gradients,
 )
 from grait.models import load_tokenizer
-from grait.prompts import collate, encode_training_pair, per_sample_answer_loss
+from grait.prompts import answer_logits, collate, encode_training_pair, per_sample_answer_loss
 
 
 @pytest.fixture()
@@ -180,3 +185,272 @@ def test_attached_lora_leaves_the_shared_base_model_as_it_was(tiny_model_dir, tm
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert base.config.use_cache and not base.training
     assert not any(p.requires_grad for p in base.parameters())
+
+
+def _project_whole(projection, x):
+    """The projection applied to the whole [B, P] gradient at once, as before streaming."""
+    if isinstance(projection, DenseProjection):
+        return x @ projection.matrix
+    out = torch.zeros(x.shape[0], projection.dim)
+    for idx, sign in zip(projection.index, projection.sign):
+        out.index_add_(1, idx, x * sign)
+    return out * projection.scale
+
+
+def _random_adam_state(n_params):
+    gen = torch.Generator().manual_seed(1)
+    # A non-zero first moment, so `adam` and `rms` give different features.
+    exp_avg = torch.randn(n_params, generator=gen) * 1e-3
+    exp_avg_sq = torch.rand(n_params, generator=gen) * 1e-5
+    return AdamState(exp_avg, exp_avg_sq, 5, 0.9, 0.999, 1e-8)
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("projection_kind", ["sparse", "dense"])
+@pytest.mark.parametrize("pre_kind", ["none", "rms", "adam"])
+def test_module_by_module_projection_equals_projecting_the_whole_gradient(
+    lora_model, items, projection_kind, pre_kind
+):
+    tok, encoded = items
+    cpu = torch.device("cpu")
+    capture = LoraGradientCapture(lora_model)
+    projection = make_projection(
+        projection_kind, capture.n_params, 32, blocks=4, seed=0, device=cpu
+    )
+    state = None if pre_kind == "none" else _random_adam_state(capture.n_params)
+    pre = Preconditioner(pre_kind, state, cpu, 1e-8)
+    whole = per_sample_lora_gradients(lora_model, capture, encoded, tok.pad_token_id)
+    streamed = projected_lora_gradients(
+        lora_model, capture, encoded, tok.pad_token_id, projection=projection, preconditioner=pre
+    )
+    capture.close()
+    assert _rel(streamed.raw, _project_whole(projection, whole)) < 1e-5
+    assert _rel(streamed.pre, _project_whole(projection, pre(whole))) < 1e-5
+    assert _rel(streamed.sq_norm.sqrt(), whole.norm(dim=1)) < 1e-5
+
+
+def test_module_gradients_tile_the_flattened_gradient(lora_model, items):
+    tok, encoded = items
+    capture = LoraGradientCapture(lora_model)
+    whole = per_sample_lora_gradients(lora_model, capture, encoded, tok.pad_token_id)
+    batch = collate(encoded, tok.pad_token_id)
+    logits = lora_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    per_sample_answer_loss(logits, batch.labels).sum().backward()
+    lora_model.zero_grad(set_to_none=True)
+    blocks = list(capture.module_gradients())
+    capture.close()
+    offsets = [offset for offset, _ in blocks]
+    widths = [block.shape[1] for _, block in blocks]
+    assert offsets == [sum(widths[:k]) for k in range(len(widths))]
+    assert widths == [m.weight.numel() for _, m in capture.modules]
+    assert _rel(torch.cat([block for _, block in blocks], dim=1), whole) < 1e-5
+
+
+@pytest.mark.parametrize("projection_kind", ["sparse", "dense"])
+def test_compute_features_equal_normalised_projections_of_the_whole_gradient(
+    lora_model, items, projection_kind
+):
+    tok, encoded = items
+    cpu = torch.device("cpu")
+    capture = LoraGradientCapture(lora_model)
+    projection = make_projection(
+        projection_kind, capture.n_params, 32, blocks=4, seed=0, device=cpu
+    )
+    pre = Preconditioner("adam", _random_adam_state(capture.n_params), cpu, 1e-8)
+    raw = np.zeros((3, 32), dtype=np.float16)
+    pre_out = np.zeros((3, 32), dtype=np.float16)
+    stats = compute_features(
+        lora_model,
+        capture,
+        encoded,
+        pad_id=tok.pad_token_id,
+        batch_size=2,
+        projection=projection,
+        preconditioner=pre,
+        out_raw=raw,
+        out_pre=pre_out,
+    )
+    whole = per_sample_lora_gradients(lora_model, capture, encoded, tok.pad_token_id)
+    capture.close()
+    expected_raw = l2_normalise(_project_whole(projection, whole)).numpy()
+    expected_pre = l2_normalise(_project_whole(projection, pre(whole))).numpy()
+    assert np.allclose(raw.astype(np.float32), expected_raw, atol=2e-3)
+    assert np.allclose(pre_out.astype(np.float32), expected_pre, atol=2e-3)
+    assert stats["rows"] == 3 and stats["zero_gradient_rows"] == 0
+    assert stats["mean_gradient_norm"] == pytest.approx(float(whole.norm(dim=1).mean()), rel=1e-4)
+
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture()
+def all_linear_lora_model(tiny_model_dir):
+    """LoRA on every linear layer, as the 8B runs use it: gate/up/down are the widest."""
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR, lora_dropout=0.0)
+    )
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    model.eval()
+    return model
+
+
+def _backward_keeping(model, encoded, pad_id):
+    """The batch's forward+backward with the capture in its default (keep) mode."""
+    batch = collate(encoded, pad_id)
+    per_sample_answer_loss(*answer_logits(model, batch)).sum().backward()
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("projection_kind", ["sparse", "dense"])
+@pytest.mark.parametrize("pre_kind", ["none", "rms", "adam"])
+def test_projecting_inside_the_hooks_equals_keeping_then_projecting(
+    all_linear_lora_model, items, projection_kind, pre_kind
+):
+    tok, encoded = items
+    model = all_linear_lora_model
+    cpu = torch.device("cpu")
+    capture = LoraGradientCapture(model)
+    projection = make_projection(
+        projection_kind, capture.n_params, 64, blocks=4, seed=0, device=cpu
+    )
+    state = None if pre_kind == "none" else _random_adam_state(capture.n_params)
+    pre = Preconditioner(pre_kind, state, cpu, 1e-8)
+    _backward_keeping(model, encoded, tok.pad_token_id)
+    kept = project_captured_gradients(capture, projection, pre)
+    hooked = projected_lora_gradients(
+        model, capture, encoded, tok.pad_token_id, projection=projection, preconditioner=pre
+    )
+    capture.close()
+    assert _rel(hooked.raw, kept.raw) < 1e-5
+    assert _rel(hooked.pre, kept.pre) < 1e-5
+    assert _rel(hooked.sq_norm, kept.sq_norm) < 1e-5
+
+
+def test_projecting_holds_no_output_gradient_and_releases_each_input(
+    all_linear_lora_model, items, monkeypatch
+):
+    tok, encoded = items
+    model = all_linear_lora_model
+    cpu = torch.device("cpu")
+    capture = LoraGradientCapture(model)
+    seen = []  # (dY held, inputs held) each time a factor's block is added
+    add = ProjectionSums.add
+
+    def spy(self, g, offset):
+        seen.append((len(capture._grads), len(capture._inputs)))
+        add(self, g, offset)
+
+    monkeypatch.setattr(ProjectionSums, "add", spy)
+    projected_lora_gradients(
+        model,
+        capture,
+        encoded,
+        tok.pad_token_id,
+        projection=make_projection("sparse", capture.n_params, 64, blocks=4, seed=0, device=cpu),
+        preconditioner=None,
+    )
+    capture.close()
+    n = len(capture.modules)
+    assert len(seen) == n  # every factor once
+    assert all(grads == 0 for grads, _ in seen)
+    # Each factor's input goes as its block is made: one fewer held at every step.
+    assert [inputs for _, inputs in seen] == list(range(n - 1, -1, -1))
+    assert capture._inputs == {} and capture._grads == {} and capture._projected == set()
+
+
+class _ToyLora(nn.Module):
+    """One LoRA pair named as peft names it (`<path>.lora_A.default`)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(width, 2, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(2, width, bias=False)})
+
+    def forward(self, x):
+        return self.lora_B["default"](self.lora_A["default"](x))
+
+
+class _ToyModel(nn.Module):
+    """Two LoRA pairs; `unused` runs but its output never reaches the loss."""
+
+    def __init__(self, *, twice: bool = False):
+        super().__init__()
+        self.used = _ToyLora(6)
+        self.unused = _ToyLora(6)
+        self.twice = twice
+
+    def forward(self, x):
+        self.unused(x)
+        y = self.used(x)
+        return self.used(y) if self.twice else y
+
+
+def _toy_setup(model):
+    torch.manual_seed(0)
+    capture = LoraGradientCapture(model)
+    cpu = torch.device("cpu")
+    projection = make_projection("dense", capture.n_params, 16, blocks=4, seed=0, device=cpu)
+    pre = Preconditioner("adam", _random_adam_state(capture.n_params), cpu, 1e-8)
+    return capture, projection, pre, torch.randn(3, 5, 6)
+
+
+def test_a_factor_without_output_gradient_counts_as_a_zero_gradient():
+    model = _ToyModel()
+    capture, projection, pre, x = _toy_setup(model)
+    model(x).square().sum().backward()
+    whole = capture.per_sample_gradients()
+    unused = slice(capture._offsets["unused.lora_A.default"], capture.n_params)
+    assert whole[:, unused].abs().sum() == 0 and whole.abs().sum() > 0
+    model(x).square().sum().backward()
+    kept = project_captured_gradients(capture, projection, pre)
+    with capture.projecting(projection, pre) as sums:
+        model(x).square().sum().backward()
+    hooked = sums.result()
+    capture.close()
+    # The zero block still has an Adam direction (m_hat / denom), as in the whole gradient.
+    assert _rel(hooked.pre, projection(pre(whole))) < 1e-5
+    assert _rel(hooked.pre, kept.pre) < 1e-5
+    assert _rel(hooked.raw, kept.raw) < 1e-5
+
+
+def test_a_factor_projected_twice_in_one_batch_is_an_error():
+    model = _ToyModel(twice=True)
+    capture, projection, pre, x = _toy_setup(model)
+    with (
+        pytest.raises(RuntimeError, match="second output gradient"),
+        capture.projecting(projection, pre),
+    ):
+        model(x).square().sum().backward()
+    assert capture._inputs == {} and capture._projected == set()
+    capture.close()
+
+
+def test_compact_sparse_index_projects_exactly_as_int64_and_float_arrays():
+    n, dim, blocks, seed = 5000, 64, 4, 7
+    proj = SparseProjection(n, dim, blocks=blocks, seed=seed, device=torch.device("cpu"))
+    assert all(idx.dtype == torch.int32 for idx in proj.index)
+    assert all(sign.dtype == torch.int8 for sign in proj.sign)
+    # The arrays as they were stored before: the same generator calls, int64 and float32.
+    gen = torch.Generator().manual_seed(seed)
+    width = dim // blocks
+    index = [torch.randint(0, width, (n,), generator=gen) + j * width for j in range(blocks)]
+    sign = [torch.randint(0, 2, (n,), generator=gen).float() * 2 - 1 for _ in range(blocks)]
+    x = torch.randn(3, n, generator=torch.Generator().manual_seed(0))
+
+    def reference(x, offset):
+        out = torch.zeros(3, dim)
+        for idx, sgn in zip(index, sign):
+            out.index_add_(
+                1, idx[offset : offset + x.shape[1]], x * sgn[offset : offset + x.shape[1]]
+            )
+        return out * proj.scale
+
+    assert torch.equal(proj(x), reference(x, 0))
+    assert torch.equal(proj.project_block(x[:, 1000:1700], 1000), reference(x[:, 1000:1700], 1000))
