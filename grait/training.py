@@ -30,7 +30,9 @@ from transformers import (
 
 from grait.config import LoraConfigSpec
 from grait.events import Cancelled
+from grait.models import loading_of
 from grait.prompts import Batch, Encoded, answer_logits, collate, per_sample_answer_loss
+from grait.schedule import auto_epochs, steps_per_epoch  # noqa: F401  (re-exported)
 
 # Raised by Trainer's own internals on every run; nothing a caller can act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -126,30 +128,6 @@ class TrainSettings:
     )
 
 
-def steps_per_epoch(n_examples: int, batch_size: int, accumulation: int = 1) -> int:
-    return max(1, math.ceil(n_examples / (batch_size * accumulation)))
-
-
-def auto_epochs(
-    n_examples: int,
-    batch_size: int,
-    accumulation: int = 1,
-    *,
-    epochs: float = 3.0,
-    min_steps: int = 48,
-    max_epochs: float = 25.0,
-) -> float:
-    """`epochs: auto`: `epochs` passes, or as many whole passes as reach `min_steps` steps.
-
-    A 60-question set at batch 16 is 4 steps an epoch: 3 epochs are 12 steps, too few for
-    the LoRA to learn a refusal (bench.fit measures it), so small sets get more passes, up to
-    `max_epochs`. Large sets keep `epochs`.
-    """
-    per_epoch = steps_per_epoch(n_examples, batch_size, accumulation)
-    needed = math.ceil(min_steps / per_epoch)
-    return float(min(max_epochs, max(epochs, needed)))
-
-
 def lora_config(spec: LoraConfigSpec) -> LoraConfig:
     return LoraConfig(
         r=spec.r,
@@ -190,6 +168,49 @@ def attached_lora(
         base.eval()
         for p in base.parameters():
             p.requires_grad_(False)
+
+
+def _base_of(model: torch.nn.Module) -> torch.nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+@contextmanager
+def activation_checkpointing(model: torch.nn.Module, *, enabled: bool) -> Iterator[None]:
+    """Recompute each decoder layer's activations in the backward pass, for this block only.
+
+    On for training passes when `loading.checkpointing` (the QLoRA setting): peft's
+    `prepare_model_for_kbit_training` turns it on for good, but every inference pass of the
+    shared base model (knowledge query, features, evaluation) would then pay for a flag it
+    does not use, so it is switched off again on the way out. Non-reentrant checkpointing
+    gives the LoRA weights inside a checkpointed layer their gradients whether or not the
+    layer's input requires grad; the embedding output is made to require grad anyway, as
+    peft does, so a frozen first layer never cuts the graph.
+    """
+    if not enabled:
+        yield
+        return
+    base = _base_of(model)
+    use_cache = base.config.use_cache
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # the newer name; the old one warns
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # Some transformers versions hook the embeddings in the call above and some do not:
+    # replace whatever they did with exactly one hook, so the exit below removes it.
+    base.disable_input_require_grads()
+    base.enable_input_require_grads()
+    base.config.use_cache = False  # a KV cache is never read in training; it would warn per step
+    try:
+        yield
+    finally:
+        if hasattr(base, "activation_checkpointing_disable"):
+            base.activation_checkpointing_disable()
+        else:
+            base.gradient_checkpointing_disable()
+        base.disable_input_require_grads()
+        base.config.use_cache = use_cache
 
 
 def train_weighted(
@@ -242,7 +263,8 @@ def train_weighted(
         callbacks=[progress],
     )
     trainer.remove_callback(PrinterCallback)  # progress goes through our callback, not stdout
-    trainer.train()
+    with activation_checkpointing(model, enabled=loading_of(model).checkpointing):
+        trainer.train()
     model.eval()
     if progress.cancelled:
         raise Cancelled("training stopped at a step boundary on request")
