@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from app import health
 from app.chat.router import router as chat_router
 from app.chat.serving import ModelServer
+from app.compute.router import router as compute_router
 from app.dashboard import router as dashboard
 from app.datasets.router import router as datasets_router
 from app.embedded import EmbeddedWorker
@@ -65,6 +66,7 @@ def create_app() -> FastAPI:
     app.include_router(datasets_router)
     app.include_router(jobs_router)
     app.include_router(models_router)
+    app.include_router(compute_router)
     app.include_router(webhooks_router)
     # The OpenAI-compatible face (/v1/files, /v1/fine_tuning/jobs) over the same services.
     app.include_router(openai_router)

@@ -142,6 +142,8 @@ class Job(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     # [{code, message, stage}]: the job ran, but something about its result needs a look
     warnings: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    # The predicted time and peak memory per stage at submit (grait.planning), when plannable
+    plan: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     time_limit_seconds: Mapped[int | None] = mapped_column(Integer)  # None = the server's max
 
     attempts: Mapped[int] = mapped_column(Integer, default=0)

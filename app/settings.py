@@ -36,6 +36,11 @@ class Settings(BaseSettings):
 
     # Queue
     queue: str = Field("gpu", description="Queue the API publishes jobs to and workers consume.")
+    compute_class: str = Field(
+        "cpu",
+        description="What the workers run on (`grait.planning` classes, e.g. cpu, "
+        "gpu-h100-80g): jobs are planned against it at submit, and refused when they won't fit.",
+    )
     broker_key_prefix: str = Field(
         "", description="Redis key prefix, to share one Redis between services."
     )

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from grait.config import METHODS, JobConfig
 from grait.data import DataError, load_records
+from grait.planning.hardware import compute_classes
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: str) -> None:
@@ -92,9 +93,8 @@ class _Bars:
             self.bar = None
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from grait.pipeline import run_pipeline  # heavy (torch): only when running
-
+def _job_config(args: argparse.Namespace) -> JobConfig | None:
+    """The spec from YAML plus the command-line overrides (shared by `run` and `plan`)."""
     raw: dict[str, Any] = {}
     base = Path.cwd()
     if args.config:
@@ -124,9 +124,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         if isinstance(spec, dict) and "path" in spec and not Path(spec["path"]).is_absolute():
             spec["path"] = str((base / spec["path"]).resolve())
     try:
-        config = JobConfig.model_validate(raw)
+        return JobConfig.model_validate(raw)
     except ValidationError as exc:
         print(f"invalid job spec:\n{exc}", file=sys.stderr)
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from grait.pipeline import run_pipeline  # heavy (torch): only when running
+
+    config = _job_config(args)
+    if config is None:
         return 2
     name = Path(args.config).stem if args.config else "run"
     run_dir = Path(args.run_dir or Path("runs") / f"{name}-{config.method}-seed{config.seed}")
@@ -152,6 +160,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     for w in result.warnings:
         print(f"warning ({w['code']}): {w['message']}", file=sys.stderr)
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Predicted time and memory per stage; exit 3 when the job would not fit the class."""
+    from grait.planning import PlanError, plan_config, render_plan
+
+    config = _job_config(args)
+    if config is None:
+        return 2
+    try:
+        plan = plan_config(config, args.compute_class, known_share=args.known_share)
+    except (PlanError, DataError) as exc:
+        print(f"cannot plan: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.to_json(), indent=2) if args.json else render_plan(plan))
+    return 0 if plan.fits else 3
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -194,6 +218,29 @@ def cmd_config_defaults(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spec_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="job spec YAML")
+    p.add_argument("--method", choices=METHODS)
+    p.add_argument("--model", help="base model alias, directory or hub id")
+    p.add_argument("--train", help="training data file (overrides the spec)")
+    p.add_argument("--eval", action="append", help="eval data file (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--budget",
+        type=parse_budget,
+        metavar="N|auto|ratio:R",
+        help="refusal budget: a count of unknowns, auto (the largest whose over-refusal on a "
+        "held-out slice stays within knowledge.auto.max_over_refusal), or ratio:R "
+        "(one refusal per R kept known questions)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a knob, e.g. training.epochs=2",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grait", description="Refusal-aware instruction tuning (GRAIT)"
@@ -203,28 +250,26 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", help="run a job spec (YAML) and print where the adapter and report are"
     )
-    run.add_argument("config", nargs="?", help="job spec YAML")
+    _spec_arguments(run)
     run.add_argument("--run-dir", help="where outputs go (rerun with the same dir resumes)")
-    run.add_argument("--method", choices=METHODS)
-    run.add_argument("--model", help="base model alias, directory or hub id")
-    run.add_argument("--train", help="training data file (overrides the spec)")
-    run.add_argument("--eval", action="append", help="eval data file (repeatable)")
-    run.add_argument("--seed", type=int)
-    run.add_argument(
-        "--budget",
-        type=parse_budget,
-        metavar="N|auto|ratio:R",
-        help="refusal budget: a count of unknowns, auto (the largest whose over-refusal on a "
-        "held-out slice stays within knowledge.auto.max_over_refusal), or ratio:R "
-        "(one refusal per R kept known questions)",
-    )
-    run.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a knob, e.g. training.epochs=2",
-    )
     run.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser(
+        "plan",
+        help="predict each stage's time and peak memory on a compute class (exit 3: won't fit)",
+    )
+    _spec_arguments(plan)
+    plan.add_argument(
+        "--compute-class", default="cpu", help="worker class: " + ", ".join(compute_classes())
+    )
+    plan.add_argument(
+        "--known-share",
+        type=float,
+        default=0.5,
+        help="share of training questions the base model is assumed to know",
+    )
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(func=cmd_plan)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(
         dest="data_command", required=True

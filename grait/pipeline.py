@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from grait.config import FitCheckConfig, JobConfig
+from grait.config import FitCheckConfig, JobConfig, LoadingConfig
 from grait.craft import KnowledgeSignals, known_by_certainty, rehearsal_rows
 from grait.data import QARecord, load_records, read_jsonl, take, write_jsonl
 from grait.evaluation import EvalRun, answer_and_score, model_entry
@@ -54,6 +54,7 @@ from grait.knowledge import (
     refusal_budget,
     split_known_unknown,
 )
+from grait.memory import peak_memory, reset_peak_memory
 from grait.methods import method_spec
 from grait.models import count_parameters, load_base_model, pick_runtime
 from grait.operating_point import OperatingPoint, find_operating_point, write_operating_point
@@ -113,7 +114,8 @@ def config_hash(config: JobConfig) -> str:
     did before they existed and earlier run directories still resume: `knowledge.auto` when
     `n_idk` is `auto`, `craft` for the craft methods, `selection.neighbours`/`tilt` for the
     neighbourhood strategy, `training.auto` when `epochs` is `auto`, `training.fit_check`
-    when it differs from its defaults (it changes warnings, never the adapter).
+    when it differs from its defaults (it changes warnings, never the adapter), `loading`
+    when it is not the plain default, `token_budget` (knowledge, evaluation) when set.
     """
     if config.training.max_steps is not None and config.training.epochs == "auto":
         # Fixed steps make epochs moot: hash as the number that was the default before
@@ -121,8 +123,17 @@ def config_hash(config: JobConfig) -> str:
         training = config.training.model_copy(update={"epochs": LEGACY_DEFAULT_EPOCHS})
         config = config.model_copy(update={"training": training})
     exclude: dict[str, Any] = {}
+    knowledge_unused = set()
     if config.knowledge.n_idk != "auto":
-        exclude["knowledge"] = {"auto"}
+        knowledge_unused.add("auto")
+    if config.knowledge.token_budget is None:
+        knowledge_unused.add("token_budget")
+    if knowledge_unused:
+        exclude["knowledge"] = knowledge_unused
+    if config.evaluation.token_budget is None:
+        exclude["evaluation"] = {"token_budget"}
+    if config.loading == LoadingConfig():
+        exclude["loading"] = True
     if not config.method.startswith("craft"):
         exclude["craft"] = True
     if config.selection.strategy != "neighbourhood":
@@ -221,7 +232,9 @@ class _Run:
     @property
     def model(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         if self._model is None:
-            self._model = load_base_model(self.config.base_model, self.runtime)
+            self._model = load_base_model(
+                self.config.base_model, self.runtime, loading=self.config.loading
+            )
         return self._model
 
     def ticker(self, stage: str, total: int) -> Callable[[int], None]:
@@ -653,6 +666,7 @@ def _auto_budget(
             [run.train[i] for i in rows],
             refusal=cfg.refusal,
             batch_size=cfg.evaluation.batch_size,
+            token_budget=cfg.evaluation.token_budget,
             max_length=cfg.training.max_length,
         ).outcomes
 
@@ -790,6 +804,7 @@ def _stage_training(run: _Run, out: Path) -> dict[str, Any]:
                 cfg.training.fit_check,
                 pad_id=tok.pad_token_id,
                 batch_size=cfg.evaluation.batch_size,
+                token_budget=cfg.evaluation.token_budget,
                 seed=cfg.seed,
             )
             for warning in fit.warnings:
@@ -835,6 +850,7 @@ def _stage_evaluation(run: _Run, out: Path, timings: dict[str, float]) -> dict[s
             refusal=cfg.refusal,
             max_new_tokens=ev.max_new_tokens,
             batch_size=ev.batch_size,
+            token_budget=ev.token_budget,
             tick=lambda d: tick_all(base_done + d),
         )
         done += len(recs)
@@ -951,11 +967,14 @@ def run_pipeline(
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
     until: str | None = None,
+    compute_class: str | None = None,
 ) -> PipelineResult:
     """Run (or resume) every stage the method needs; return where the adapter and report are.
 
     `until` stops after that stage (e.g. `gradient_features`, to share Stages 1-2 between
-    runs that differ only in budget or ranking).
+    runs that differ only in budget or ranking). `compute_class` plans the job on that class
+    first (`grait.planning`) and puts the plan beside the measured time and peak memory per
+    stage in the report.
     """
     if until is not None and until not in STAGES:
         raise ValueError(f"until: unknown stage {until!r}; stages are {', '.join(STAGES)}")
@@ -979,6 +998,8 @@ def run_pipeline(
         )
 
     run = _Run(config, run_dir, emit, cancel)
+    if compute_class is not None:
+        _write_plan(config, run_dir, compute_class, emit)
     wanted = stages_for(config.method)
     timings = {s: manifest["stages"][s]["seconds"] for s in STAGES if s in manifest["stages"]}
     for stage in STAGES:
@@ -1002,6 +1023,7 @@ def run_pipeline(
         out.mkdir(parents=True)
         set_seed(config.seed + STAGE_SEED_OFFSET[stage])
         emit(PipelineEvent("stage_started", stage))
+        reset_peak_memory(run.runtime)
         started = time.perf_counter()
         if stage == "evaluation":
             metrics = _stage_evaluation(run, out, timings)
@@ -1011,6 +1033,7 @@ def run_pipeline(
         timings[stage] = seconds
         manifest["stages"][stage] = {
             "seconds": seconds,
+            "peak_memory_bytes": peak_memory(run.runtime),
             "metrics": metrics,
             "completed_at": time.time(),
         }
@@ -1019,7 +1042,64 @@ def run_pipeline(
         emit(PipelineEvent("stage_completed", stage, message=f"{stage} done in {seconds:.1f}s"))
         if stage == until:
             break
+    _attach_plan(run_dir, manifest)
     return _result(run_dir, timings)
+
+
+PLAN_FILE = "plan.json"
+
+
+def _write_plan(
+    config: JobConfig, run_dir: Path, compute_class: str, emit: ProgressCallback
+) -> None:
+    """Plan once per run folder (a resumed attempt keeps the first plan)."""
+    from grait.planning import PlanError, plan_config
+
+    path = run_dir / PLAN_FILE
+    if path.exists():
+        return
+    first = stages_for(config.method)[0]  # the event belongs to the stage that starts next
+    try:
+        plan = plan_config(config, compute_class)
+    except (PlanError, ValueError) as exc:
+        emit(PipelineEvent("warning", first, message=f"no plan: {exc}"))
+        return
+    path.write_text(json.dumps(plan.to_json(), indent=2))
+    emit(
+        PipelineEvent(
+            "metrics",
+            first,
+            message=f"plan on {compute_class}: about {plan.seconds / 60:.1f} min, "
+            f"peak {plan.peak_memory_bytes / 1e9:.2f} GB",
+            data={
+                "plan_seconds": round(plan.seconds, 1),
+                "plan_peak_memory_bytes": round(plan.peak_memory_bytes),
+            },
+        )
+    )
+
+
+def _attach_plan(run_dir: Path, manifest: dict[str, Any]) -> None:
+    """Put the plan beside what each stage took in report.md / report.json (once)."""
+    from grait.planning import render_plan
+
+    plan_path, report_path = run_dir / PLAN_FILE, run_dir / "evaluation" / "report.json"
+    if not plan_path.exists() or not report_path.exists():
+        return
+    report = json.loads(report_path.read_text())
+    if "plan" in report:
+        return
+    plan = json.loads(plan_path.read_text())
+    measured = {
+        stage: {k: v for k, v in info.items() if k in ("seconds", "peak_memory_bytes")}
+        for stage, info in manifest["stages"].items()
+    }
+    report["plan"] = {"predicted": plan, "measured": measured}
+    report_path.write_text(json.dumps(report, indent=2))
+    md = report_path.with_name("report.md")
+    if md.exists():
+        section = "\n\n## Plan against what happened\n\n" + render_plan(plan, measured) + "\n"
+        md.write_text(md.read_text().rstrip("\n") + section)
 
 
 _STAGE_FUNCS: dict[str, Callable[[_Run, Path], dict[str, Any]]] = {

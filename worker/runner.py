@@ -196,12 +196,17 @@ def run_job(job_id: str, *, worker_name: str, settings: Settings) -> str:
                 s for s in stages_for(config.method) if s != "evaluation" or config.evals
             )
             reporter = ProgressReporter(fence, stages)
+            plan_on = settings.compute_class
             try:
-                result = run_pipeline(config, run_dir, progress=reporter, should_cancel=flag)
+                result = run_pipeline(
+                    config, run_dir, progress=reporter, should_cancel=flag, compute_class=plan_on
+                )
             except RunDirConflict:
                 # The folder holds another spec's stages (e.g. storage moved): start clean.
                 shutil.rmtree(run_dir, ignore_errors=True)
-                result = run_pipeline(config, run_dir, progress=reporter, should_cancel=flag)
+                result = run_pipeline(
+                    config, run_dir, progress=reporter, should_cancel=flag, compute_class=plan_on
+                )
             if fence.expired():
                 raise Cancelled("the attempt lost its lease")
             with short_session(settings) as session:

@@ -10,7 +10,15 @@ from app.deps import REQUIRE_KEY, PrincipalDep, SessionDep, SettingsDep, Storage
 from app.errors import ERROR_RESPONSES
 from app.idempotency import REPLAYED_HEADER, Idempotency, IdempotencyKeyHeader
 from app.jobs import service
-from app.jobs.schemas import ArtifactObject, EventObject, JobCreate, JobObject, StatusName
+from app.jobs.schemas import (
+    ArtifactObject,
+    EventObject,
+    JobCreate,
+    JobObject,
+    PlanObject,
+    PlanRequest,
+    StatusName,
+)
 from app.jobs.stream import event_stream
 from app.pagination import AfterQuery, LimitQuery, ListPage, page_of
 
@@ -47,6 +55,27 @@ def create_job(
     if replayed:
         response.headers[REPLAYED_HEADER] = "true"
     return JobObject.of(job)
+
+
+@router.post("/plan", response_model=PlanObject)
+def plan_job(
+    body: PlanRequest,
+    principal: PrincipalDep,
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+) -> PlanObject:
+    """Predicted time and peak memory per stage before launch; 422 `job_does_not_fit` (with
+    the plan in the error) when the peak exceeds the class's memory. Stores nothing."""
+    plan = service.plan_job(
+        session=session,
+        storage=storage,
+        settings=settings,
+        tenant_id=principal.tenant_id,
+        request=body,
+    )
+    session.rollback()  # release the datasets' share locks: a plan creates nothing
+    return PlanObject.of(plan)
 
 
 @router.get("", response_model=ListPage[JobObject])

@@ -124,6 +124,60 @@ class JobCreate(BaseModel):
     )
 
 
+class PlanRequest(JobCreate):
+    """A job spec to plan, plus the hardware to plan it on."""
+
+    compute_class: str | None = Field(
+        None,
+        max_length=64,
+        description="Worker class to plan on (GET /v1/compute_classes); null = this "
+        "deployment's (GRAIT_COMPUTE_CLASS).",
+    )
+    known_share: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Share of training questions the base model is assumed to know: Stage 1 "
+        "decides the real split, which sets how many refusals are trained.",
+    )
+
+
+class StagePlanObject(BaseModel):
+    stage: str
+    tokens: int = Field(description="Tokens the stage processes (padded batches, all passes).")
+    flops: float = Field(description="Matmul FLOPs of the stage.")
+    seconds: float
+    peak_memory_bytes: int
+    bound: Literal["compute", "bandwidth", "overhead"] = Field(
+        description="What the predicted time is mostly made of."
+    )
+    detail: str
+
+
+class PlanObject(BaseModel):
+    object: Literal["grait.plan"] = "grait.plan"
+    compute_class: str
+    calibration: str | None = Field(
+        description="Where the efficiencies were measured; null = defaults."
+    )
+    fits: bool
+    seconds: float = Field(description="Predicted wall time of all stages.")
+    peak_memory_bytes: int
+    memory_limit_bytes: int = Field(description="The class's memory less a safety margin.")
+    dtype: str
+    quantization: str
+    params: int
+    lora_params: int
+    weights_bytes: int
+    assumptions: list[str]
+    stages: list[StagePlanObject]
+
+    @classmethod
+    def of(cls, plan: dict[str, Any]) -> PlanObject:
+        keys = set(cls.model_fields) - {"object"}
+        return cls(**{k: v for k, v in plan.items() if k in keys})
+
+
 class JobError(BaseModel):
     code: str
     message: str
@@ -159,6 +213,9 @@ class JobObject(BaseModel):
         default_factory=list,
         description="The job ran but its result needs a look (e.g. the refusal was not learned).",
     )
+    plan: PlanObject | None = Field(
+        None, description="Predicted time and peak memory per stage at submit, when plannable."
+    )
     attempts: int
     created_at: int
     started_at: int | None
@@ -189,6 +246,7 @@ class JobObject(BaseModel):
             if job.error_code
             else None,
             warnings=[JobWarning(**w) for w in job.warnings or []],
+            plan=PlanObject.of(job.plan) if job.plan else None,
             attempts=job.attempts,
             created_at=_ts(job.created_at),  # type: ignore[arg-type]
             started_at=_ts(job.started_at),

@@ -18,12 +18,14 @@ from app.idempotency import Idempotency, run_idempotent
 from app.jobs import lifecycle
 from app.jobs.config import build_job_config
 from app.jobs.lifecycle import WAITING_STATUSES, JobStatus
-from app.jobs.schemas import EVENT_PREFIX, DatasetRef, JobCreate
+from app.jobs.schemas import EVENT_PREFIX, DatasetRef, JobCreate, PlanRequest
 from app.models import Artifact, Dataset, Job, JobDataset, JobEvent, Tenant, new_id
 from app.queue import publish_job
 from app.settings import Settings
 from app.storage import Storage
 from app.webhooks.service import check_webhook_url
+from grait.config import JobConfig
+from grait.planning import Plan, PlanError, compute_classes, load_compute_class, plan_config
 from grait.registry import KNOWN_MODELS
 
 
@@ -63,15 +65,10 @@ def _event(
     return JobEvent(job_id=job_id, type=type, level=level, stage=stage, message=message, data=data)
 
 
-def create_job(
-    *,
-    session: Session,
-    storage: Storage,
-    settings: Settings,
-    tenant_id: str,
-    request: JobCreate,
-    idempotency: Idempotency | None = None,
-) -> Job:
+def _validated(
+    *, session: Session, storage: Storage, settings: Settings, tenant_id: str, request: JobCreate
+) -> tuple[list[tuple[str, DatasetRef]], dict[str, Dataset], JobConfig]:
+    """The request's datasets (this tenant's, locked against deletion) and its library config."""
     refs: list[tuple[str, DatasetRef]] = [("train_dataset", request.train_dataset)]
     refs += [(f"eval_datasets[{i}]", ref) for i, ref in enumerate(request.eval_datasets)]
     ids = {ref.id for _, ref in refs}
@@ -109,7 +106,7 @@ def create_job(
         for _, ref in refs
     ]
     try:
-        build_job_config(
+        config = build_job_config(
             method=request.method,
             base_model=request.base_model,
             seed=request.seed,
@@ -120,7 +117,80 @@ def create_job(
         first = exc.errors()[0]
         param = _config_param(first["loc"])
         raise APIError(422, "invalid_request", f"{param}: {first['msg']}", param=param) from None
+    return refs, found, config
 
+
+def _plan(config: JobConfig, compute_class: str, known_share: float = 0.5) -> Plan:
+    try:
+        return plan_config(config, compute_class, known_share=known_share)
+    except PlanError as exc:
+        raise APIError(422, "cannot_plan", str(exc), param="base_model") from None
+
+
+def _refuse_if_too_big(plan: Plan) -> None:
+    if plan.quantization != "none" and load_compute_class(plan.compute_class).device != "cuda":
+        raise APIError(
+            422,
+            "invalid_request",
+            f"hyperparameters.loading.quantization: {plan.quantization} needs a CUDA GPU "
+            f"(bitsandbytes), and compute class {plan.compute_class!r} has none.",
+            param="hyperparameters.loading.quantization",
+        )
+    if plan.fits:
+        return
+    worst = max(plan.stages, key=lambda s: s.peak_memory_bytes)
+    raise APIError(
+        422,
+        "job_does_not_fit",
+        f"Predicted peak memory {worst.peak_memory_bytes / 1e9:.1f} GB (in {worst.stage}) exceeds "
+        f"the {plan.memory_limit_bytes / 1e9:.1f} GB usable on compute class "
+        f"{plan.compute_class!r}. Load the base model in 4 bit (loading.quantization), turn on "
+        "gradient checkpointing, lower the batch sizes, or pick a larger class.",
+        plan=plan.to_json(),
+    )
+
+
+def plan_job(
+    *, session: Session, storage: Storage, settings: Settings, tenant_id: str, request: PlanRequest
+) -> dict[str, Any]:
+    """A job's predicted cost per stage on a compute class; 422 with the plan if it won't fit."""
+    compute_class = request.compute_class or settings.compute_class
+    if compute_class not in compute_classes():
+        raise APIError(
+            422,
+            "invalid_request",
+            f"compute_class: unknown {compute_class!r}; known: {', '.join(compute_classes())}",
+            param="compute_class",
+        )
+    _, _, config = _validated(
+        session=session, storage=storage, settings=settings, tenant_id=tenant_id, request=request
+    )
+    plan = _plan(config, compute_class, request.known_share)
+    _refuse_if_too_big(plan)
+    return plan.to_json()
+
+
+def create_job(
+    *,
+    session: Session,
+    storage: Storage,
+    settings: Settings,
+    tenant_id: str,
+    request: JobCreate,
+    idempotency: Idempotency | None = None,
+) -> Job:
+    refs, found, config = _validated(
+        session=session, storage=storage, settings=settings, tenant_id=tenant_id, request=request
+    )
+    hyper = request.hyperparameters.model_dump(mode="json")
+    # Plan against the workers' class: a job that cannot fit is refused before it queues. A
+    # model whose shape is not readable here (a hub id, an alias not yet prepared) goes unplanned.
+    try:
+        plan: Plan | None = plan_config(config, settings.compute_class)
+    except PlanError:
+        plan = None
+    if plan is not None:
+        _refuse_if_too_big(plan)
     _check_queue_room(session=session, settings=settings, tenant_id=tenant_id)
     job = Job(
         id=new_id("job"),
@@ -133,6 +203,7 @@ def create_job(
         seed=request.seed,
         suffix=request.suffix,
         hyperparameters=hyper,
+        plan=plan.to_json() if plan else None,
         user_metadata=request.metadata,
         percent=0.0,
         cancel_requested=False,

@@ -37,7 +37,10 @@ def _events(sink: list):
 def test_grait_runs_every_stage_and_writes_its_outputs(tiny_model_dir, shared_data, tmp_path):
     events: list = []
     result = run_pipeline(
-        _config(tiny_model_dir, shared_data), tmp_path / "run", progress=_events(events)
+        _config(tiny_model_dir, shared_data),
+        tmp_path / "run",
+        progress=_events(events),
+        compute_class="cpu",
     )
     started = [e.stage for e in events if e.kind == "stage_started"]
     assert started == list(stages_for("grait"))
@@ -64,6 +67,12 @@ def test_grait_runs_every_stage_and_writes_its_outputs(tiny_model_dir, shared_da
     assert all(t["target"] == "I don't know." for t in train if t["kind"] == "idk")
     progress = [e for e in events if e.kind == "progress"]
     assert progress and all(0 <= e.done <= e.total for e in progress if e.total)
+    # The plan beside what happened: every stage predicted and measured (time, peak memory).
+    predicted = {s["stage"]: s for s in report["plan"]["predicted"]["stages"]}
+    measured = report["plan"]["measured"]
+    assert set(predicted) == set(measured) == set(stages_for("grait"))
+    assert all(m["seconds"] >= 0 and m["peak_memory_bytes"] > 0 for m in measured.values())
+    assert "## Plan against what happened" in result.artifacts["report_md"].read_text()
 
 
 def test_rerun_skips_completed_stages(tiny_model_dir, shared_data, tmp_path):

@@ -20,6 +20,7 @@ NATIVE_ROUTES = [
     ("DELETE", "/v1/datasets/ds-x"),
     ("GET", "/v1/jobs"),
     ("POST", "/v1/jobs"),
+    ("POST", "/v1/jobs/plan"),
     ("GET", "/v1/jobs/job-x"),
     ("POST", "/v1/jobs/job-x/cancel"),
     ("GET", "/v1/jobs/job-x/events/stream"),
@@ -29,6 +30,7 @@ NATIVE_ROUTES = [
     ("GET", "/v1/jobs/job-x/webhook_deliveries"),
     ("GET", "/v1/webhook_secret"),
     ("GET", "/v1/models"),
+    ("GET", "/v1/compute_classes"),
 ]
 OPENAI_ROUTES = [
     ("GET", "/v1/files"),
