@@ -24,7 +24,7 @@ import torch
 
 from grait.config import DEFAULT_BASE_MODEL, JobConfig
 from grait.models import pick_runtime, resolve_model_path
-from grait.pipeline import run_pipeline
+from grait.pipeline import PipelineResult, run_pipeline
 
 
 def fill_random_weights(model_dir: Path) -> None:
@@ -35,6 +35,35 @@ def fill_random_weights(model_dir: Path) -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
     model.save_pretrained(model_dir)
+
+
+def check_outputs(result: PipelineResult) -> dict[str, bool]:
+    """What a user relies on after a run: adapter, probabilities, unit-norm features, training."""
+    checks: dict[str, bool] = {}
+    checks["adapter saved"] = any(result.adapter_dir.glob("adapter_model.*"))
+    rates = [
+        m[k]
+        for ev in result.report["evals"]
+        for m in ev["models"]
+        for k in ("correct", "wrong", "refused")
+    ]
+    checks["rates are probabilities"] = all(0.0 <= r <= 1.0 for r in rates) and bool(rates)
+    feature_files = sorted(result.run_dir.rglob("*.npy"))
+    norms_ok = bool(feature_files)
+    for path in feature_files:
+        matrix = np.load(path, mmap_mode="r")
+        if matrix.ndim == 2 and len(matrix):
+            norms = np.linalg.norm(np.asarray(matrix, dtype=np.float32), axis=1)
+            norms_ok &= bool(np.isfinite(norms).all() and np.allclose(norms, 1.0, atol=2e-2))
+    checks["features finite and unit-norm"] = norms_ok
+    from safetensors.torch import load_file
+
+    adapter = load_file(next(result.adapter_dir.glob("adapter_model.safetensors")))
+    lora_b = [t for name, t in adapter.items() if "lora_B" in name]
+    checks["LoRA B weights moved from zero"] = bool(lora_b) and all(
+        t.abs().sum() > 0 for t in lora_b
+    )
+    return checks
 
 
 def main() -> int:
@@ -89,30 +118,7 @@ def main() -> int:
     result = run_pipeline(config, args.out / "run")
     wall = time.perf_counter() - started
 
-    checks: dict[str, bool] = {}
-    checks["adapter saved"] = any(result.adapter_dir.glob("adapter_model.*"))
-    rates = [
-        m[k]
-        for ev in result.report["evals"]
-        for m in ev["models"]
-        for k in ("correct", "wrong", "refused")
-    ]
-    checks["rates are probabilities"] = all(0.0 <= r <= 1.0 for r in rates) and bool(rates)
-    feature_files = sorted((args.out / "run").rglob("*.npy"))
-    norms_ok = bool(feature_files)
-    for path in feature_files:
-        matrix = np.load(path, mmap_mode="r")
-        if matrix.ndim == 2 and len(matrix):
-            norms = np.linalg.norm(np.asarray(matrix, dtype=np.float32), axis=1)
-            norms_ok &= bool(np.isfinite(norms).all() and np.allclose(norms, 1.0, atol=2e-2))
-    checks["features finite and unit-norm"] = norms_ok
-    from safetensors.torch import load_file
-
-    adapter = load_file(next(result.adapter_dir.glob("adapter_model.safetensors")))
-    lora_b = [t for name, t in adapter.items() if "lora_B" in name]
-    checks["LoRA B weights moved from zero"] = bool(lora_b) and all(
-        t.abs().sum() > 0 for t in lora_b
-    )
+    checks = check_outputs(result)
     summary = {
         **info,
         "wall_seconds": round(wall, 1),

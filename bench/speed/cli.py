@@ -19,7 +19,7 @@ from bench.common import RESULTS, SHARED_DATA, machine, md_table, write_json
 from grait.config import DEFAULT_BASE_MODEL
 from grait.data import load_records, take, write_jsonl
 
-PARTS = ("features", "selection", "knowledge", "service", "pollers", "uploads")
+PARTS = ("features", "selection", "knowledge", "service", "pollers", "uploads", "limits")
 
 
 def _log(message: str) -> None:
@@ -61,6 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-seconds", type=float, default=10.0)
     p.add_argument("--uploads", type=int, default=16, help="concurrent large uploads")
     p.add_argument("--upload-rows", type=int, default=40_000, help="rows per uploaded file")
+    p.add_argument(
+        "--limits-class",
+        default=None,
+        help="compute class the limits part calibrates (default: cpu, or the GPU's class)",
+    )
+    p.add_argument("--calibrate-train", type=int, default=48)
+    p.add_argument("--validate-train", type=int, default=192)
+    p.add_argument("--limits-eval", type=int, default=16)
+    p.add_argument(
+        "--write-calibration",
+        action="store_true",
+        help="store the fitted efficiencies in grait/planning/calibration/<class>.json",
+    )
     p.add_argument("--note", help="stored with the parts measured now, e.g. what else ran")
     return p
 
@@ -74,6 +87,7 @@ def _smoke(args: argparse.Namespace) -> None:
     args.poll_seconds = 3.0
     args.uploads, args.upload_rows = 4, 2000
     args.service_method = "van"
+    args.calibrate_train, args.validate_train, args.limits_eval = 12, 20, 4
 
 
 def _load_summary(path: Path) -> dict[str, Any]:
@@ -417,6 +431,93 @@ def _md_uploads(part: dict[str, Any]) -> list[str]:
     ]
 
 
+def _run_limits(args: argparse.Namespace, base_model: str) -> dict[str, Any]:
+    from bench.speed.limits import run_limits
+
+    name = args.limits_class or "cpu"
+    return {
+        "result": run_limits(
+            base_model=base_model,
+            data=SHARED_DATA,
+            work=args.scratch / "limits",
+            class_name=name,
+            calibrate_train=args.calibrate_train,
+            validate_train=args.validate_train,
+            n_eval=args.limits_eval,
+            write_calibration=args.write_calibration and not args.smoke,
+            log=_log,
+        )
+    }
+
+
+def _md_limits(part: dict[str, Any]) -> list[str]:
+    r = part["result"]
+    cal = r["calibration_job"]
+    rows = [
+        [
+            x["stage"],
+            f"{x['tflop']:.3f}",
+            f"{x['seconds']:.1f}",
+            f"**{100 * x['mfu']:.1f}%**",
+            f"{100 * x['bandwidth_share']:.1f}%" if "bandwidth_share" in x else "",
+        ]
+        for x in cal["ratios"]
+    ]
+    val = r["validation_job"]
+    predicted = {s["stage"]: s for s in val["predicted"]["stages"]}
+    check = []
+    for stage, got in val["measured"].items():
+        if stage not in predicted:
+            continue
+        p = predicted[stage]
+        check.append(
+            [
+                stage,
+                f"{p['seconds']:.1f}",
+                f"{got['seconds']:.1f}",
+                f"{p['seconds'] / got['seconds']:.2f}x" if got["seconds"] else "",
+                f"{p['peak_memory_bytes'] / 1e9:.2f}",
+                f"{got['peak_memory_bytes'] / 1e9:.2f}" if got["peak_memory_bytes"] else "",
+            ]
+        )
+    eff = ", ".join(f"{k} {v:.3g}" for k, v in r["efficiency"].items())
+    return [
+        "## Each stage against the hardware's limit, and the planner checked on a second job",
+        "",
+        _stamp(part),
+        "",
+        (
+            f"Limits measured here ({r['dtype']}): peak matmul "
+            f"{r['measured_peak_flops'] / 1e9:,.1f} GFLOP/s, copy bandwidth "
+            f"{r['measured_bandwidth'] / 1e9:,.1f} GB/s. MFU = the planner's matmul FLOPs of the "
+            "stage / (seconds × that peak); generation's bandwidth share = one read of every "
+            "weight per new token / (seconds × that bandwidth). Calibration job: "
+            f"{cal['questions']} ARC-Easy questions, method grait."
+        ),
+        "",
+        md_table(["stage", "TFLOP", "seconds", "MFU", "bandwidth share"], rows),
+        "",
+        f"Fitted efficiencies (`grait.planning`): {eff}.",
+        "",
+        (
+            f"Validation: a {val['questions']}-question job, planned with those efficiencies "
+            "before it ran. Measured peak memory on CPU is the process's peak resident set so far."
+        ),
+        "",
+        md_table(
+            [
+                "stage",
+                "predicted s",
+                "measured s",
+                "predicted/measured",
+                "predicted GB",
+                "measured GB",
+            ],
+            check,
+        ),
+    ]
+
+
 def _stamp(part: dict[str, Any]) -> str:
     return (
         f"*Measured {part['measured_at']} on {part['machine']}; base model `{part['base_model']}`.*"
@@ -430,6 +531,7 @@ RUNNERS = {
     "service": (_run_service, _md_service),
     "pollers": (_run_pollers, _md_pollers),
     "uploads": (_run_uploads, _md_uploads),
+    "limits": (_run_limits, _md_limits),
 }
 
 

@@ -84,6 +84,7 @@ def test_speed_smoke_writes_every_figure(tmp_path: Path) -> None:
         "Service overhead",
         "Service: `GET /v1/jobs/{id}` under concurrent pollers",
         "Service: job reads during concurrent large uploads",
+        "Each stage against the hardware's limit, and the planner checked on a second job",
     ):
         assert f"## {section}" in md
     parts = summary["parts"]
@@ -101,6 +102,12 @@ def test_speed_smoke_writes_every_figure(tmp_path: Path) -> None:
     uploads = parts["uploads"]["result"]
     assert uploads["upload_status"] == [201] and uploads["read_failed_during"] == 0
     assert uploads["reads_alone"] > 0 and uploads["reads_during"] > 0
+    limits = parts["limits"]["result"]
+    assert limits["measured_peak_flops"] > 0 and limits["measured_bandwidth"] > 0
+    assert {r["stage"] for r in limits["calibration_job"]["ratios"]} >= {"training", "evaluation"}
+    assert all(0 < r["mfu"] for r in limits["calibration_job"]["ratios"])
+    predicted = {s["stage"] for s in limits["validation_job"]["predicted"]["stages"]}
+    assert predicted == set(limits["validation_job"]["measured"])  # every stage checked
     assert len(_table_rows(md, "Selection + weighting")) == 2
     assert not list((tmp_path / "smoke-speed").glob("*.npy"))  # feature matrices stay in scratch
 
