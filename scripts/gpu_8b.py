@@ -58,6 +58,7 @@ from grait.models import (
     resolve_model_path,
 )
 from grait.pipeline import run_pipeline
+from grait.planning import PlanError, load_compute_class, plan_config
 
 RANDOM_WEIGHTS_NOTE = (
     "RANDOM weights with the architecture below: seconds, tokens and memory are real; "
@@ -87,13 +88,53 @@ TINY: dict[str, Any] = {
 MODES = ("4bit", "8bit", "bf16")
 
 
-def plan_prediction(config: JobConfig) -> dict[str, Any] | None:
-    """PLACEHOLDER for `grait/plan.py`: the plan's prediction, shown beside the measurement.
+GPU_CLASSES = {
+    "H200": "gpu-h200-141g",
+    "H100": "gpu-h100-80g",
+    "A100": "gpu-a100-80g",
+    "L4": "gpu-l4-24g",
+}
 
-    Return {"stages": {stage: {"seconds": float, "peak_gb": float}}, ...} and the table
-    grows "predicted" columns; None (for now) leaves them out.
-    """
-    return None
+
+def compute_class_here(cuda: bool) -> str | None:
+    """The planner's class for this machine's GPU (None for a card it has no class for)."""
+    if not cuda:
+        return "cpu"
+    name = torch.cuda.get_device_name(0)
+    return next((c for key, c in GPU_CLASSES.items() if key in name), None)
+
+
+def plan_prediction(config: JobConfig, class_name: str | None) -> dict[str, Any] | None:
+    """The plan (`grait.planning`), made before the run, to put beside the measurement; with
+    the class's peaks, so the table can state each stage's MFU and bandwidth share."""
+    if class_name is None:
+        return None
+    try:
+        plan = plan_config(config, class_name)
+    except (PlanError, ValueError) as exc:
+        print(f"no plan: {exc}", flush=True)
+        return None
+    cls = load_compute_class(class_name)
+    return {
+        "class": class_name,
+        "calibration": plan.calibration,
+        "seconds": round(plan.seconds, 1),
+        "peak_gb": _gb(round(plan.peak_memory_bytes)),
+        "fits": plan.fits,
+        "peak_flops": cls.peak(plan.dtype),
+        "bandwidth": cls.bandwidth,
+        "weights_bytes": plan.weights_bytes,
+        "stages": {
+            s.stage: {
+                "seconds": round(s.seconds, 1),
+                "peak_gb": _gb(round(s.peak_memory_bytes)),
+                "flops": s.flops,
+                "decode_steps": s.decode_steps,
+                "bound": s.bound,
+            }
+            for s in plan.stages
+        },
+    }
 
 
 def write_model_config(model_dir: Path, tokenizer_dir: str, arch: dict[str, Any]) -> None:
@@ -239,6 +280,7 @@ def run_mode(args: argparse.Namespace, mode: str, model_dir: Path, cuda: bool) -
     meter = StageMeter(model, cuda)
     del model
     print(f"[{mode}] loaded in {load_seconds}s: {loaded}", flush=True)
+    plan = plan_prediction(config, compute_class_here(cuda))  # predicted before it runs
     run_dir = args.work / f"run-{mode}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a finished run there would skip every stage
     started = time.perf_counter()
@@ -262,7 +304,7 @@ def run_mode(args: argparse.Namespace, mode: str, model_dir: Path, cuda: bool) -
         "stages": stages,
         "training": result.report.get("training"),
         "checks": check_outputs(result),
-        "plan": plan_prediction(config),
+        "plan": plan,
         "config": config.model_dump(mode="json", include={"loading", "lora", "training"}),
     }
 
@@ -289,7 +331,8 @@ def markdown(summary: dict[str, Any]) -> str:
         if "error" in run:
             lines += [f"## {run['mode']}: failed", "", f"`{run['error']}`", ""]
             continue
-        plan = (run.get("plan") or {}).get("stages")
+        planned = run.get("plan") or {}
+        plan = planned.get("stages")
         lines += [
             (
                 f"## {run['mode']} (quantization {run['quantization']}, {run['dtype']}, "
@@ -304,8 +347,8 @@ def markdown(summary: dict[str, Any]) -> str:
         head = "| stage | seconds | peak GB | reserved GB | forward tokens | tokens/s |"
         rule = "| --- | ---: | ---: | ---: | ---: | ---: |"
         if plan:
-            head += " predicted s | predicted GB |"
-            rule += " ---: | ---: |"
+            head += " predicted s | predicted GB | MFU | bandwidth share |"
+            rule += " ---: | ---: | ---: | ---: |"
         lines += [head, rule]
         for stage, e in run["stages"].items():
             row = (
@@ -315,10 +358,19 @@ def markdown(summary: dict[str, Any]) -> str:
             )
             if plan:
                 p = plan.get(stage, {})
-                row += f" {p.get('seconds', '')} | {p.get('peak_gb', '')} |"
+                mfu = bw = ""
+                if p.get("flops") and e["seconds"] > 0:
+                    mfu = f"{100 * p['flops'] / (e['seconds'] * planned['peak_flops']):.1f}%"
+                if p.get("decode_steps") and e["seconds"] > 0:
+                    reads = p["decode_steps"] * planned["weights_bytes"]
+                    bw = f"{100 * reads / (e['seconds'] * planned['bandwidth']):.1f}%"
+                row += f" {p.get('seconds', '')} | {p.get('peak_gb', '')} | {mfu} | {bw} |"
             lines.append(row)
         lines.append("")
     lines.append(
+        "MFU: the planner's matmul FLOPs of the stage / (seconds × the card's dense bf16 peak); "
+        "bandwidth share: one read of every weight per generated token / (seconds × peak HBM "
+        "bandwidth). Predicted: `grait.planning` on the card's class, made before the run. "
         "Peak GB: `torch.cuda.max_memory_allocated` since the stage began (weights included). "
         "Forward tokens: padded tokens fed to the model, each generated token once; the "
         "backward pass and checkpointing's recomputation are not counted."

@@ -41,8 +41,11 @@ def test_the_8b_script_measures_every_stage_of_each_mode(shared_data, tmp_path):
             assert entry["seconds"] > 0, stage
         assert run["stages"]["training"]["forward_tokens"] > 0
         assert all(run["checks"].values()), run["checks"]
-        assert run["plan"] is None  # filled in once grait/plan.py exists
+        # The plan, made before the run on this machine's class, sits beside each stage.
+        assert run["plan"]["class"] == "cpu"
+        assert set(run["plan"]["stages"]) == set(run["stages"])
     table = (out / "gpu_8b.md").read_text()
     assert "RANDOM weights" in table and "| gradient_features |" in table
+    assert "| MFU | bandwidth share |" in table
     # The model and the run directories stay out of what is copied back.
     assert sorted(p.name for p in out.iterdir()) == ["gpu_8b.json", "gpu_8b.md"]
