@@ -190,7 +190,9 @@ def cmd_jobs_download(args: argparse.Namespace) -> int:
             return 1
         for artifact in wanted:
             target = out_dir / artifact["filename"]
-            with client.stream("GET", artifact["download_url"]) as response:
+            # An object store may answer 307 to a presigned URL (httpx drops the API key
+            # when the redirect leaves the API's origin).
+            with client.stream("GET", artifact["download_url"], follow_redirects=True) as response:
                 if response.status_code >= 400:
                     response.read()
                     _check(response)

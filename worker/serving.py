@@ -2,10 +2,11 @@
 
 `python -m worker.serving [--host H] [--port P]` (or started by the API on the first chat
 request, see `app.chat.serving`). The API resolves a model name to a base model and an
-adapter archive (tenancy checked against the job table) and posts them here, so this
-process needs no database: it keeps each base model loaded once, the N most recently used
-adapters on top of it (one PeftModel per base, adapters by name, `GRAIT_SERVING_MAX_ADAPTERS`),
-and streams the answer as it is generated.
+adapter archive's storage key (tenancy checked against the job table) and posts them here,
+so this process needs no database, only the service's storage, to fetch archives from: it
+keeps each base model loaded once, the N most recently used adapters on top of it (one
+PeftModel per base, adapters by name, `GRAIT_SERVING_MAX_ADAPTERS`), and streams the answer
+as it is generated.
 
 Protocol (local HTTP, one route): `POST /generate` with a `GenerateRequest` answers
 `application/x-ndjson`, one event a line: `start` (prompt tokens), `delta` (text), then
@@ -31,9 +32,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from app.settings import Settings, get_settings
+from app.storage import ObjectNotFound, Storage, get_storage
 from grait.config import REFUSAL
 from grait.data import QARecord
 
@@ -46,8 +48,18 @@ class Turn(BaseModel):
 
 
 class Adapter(BaseModel):
+    """The job's adapter artifact, a .tar.gz of a PEFT folder: by storage key (what the API
+    sends; fetched from the service's storage, `GRAIT_STORAGE_*`) or by local path."""
+
     id: str = Field(description="Names the adapter in the cache (the job id).")
-    archive: str = Field(description="The job's adapter artifact: a .tar.gz of a PEFT folder.")
+    key: str | None = Field(None, description="Storage key of the archive.")
+    archive: str | None = Field(None, description="Local path of the archive.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Adapter:
+        if (self.key is None) == (self.archive is None):
+            raise ValueError("give the adapter's storage `key` or its local `archive` path")
+        return self
 
 
 class GenerateRequest(BaseModel):
@@ -118,12 +130,20 @@ class ModelPool:
     to the end of its generation.
     """
 
-    def __init__(self, *, device: str, max_adapters: int, max_base_models: int):
+    def __init__(
+        self,
+        *,
+        device: str,
+        max_adapters: int,
+        max_base_models: int,
+        storage: Storage | None = None,
+    ):
         from grait.models import pick_runtime
 
         self.runtime = pick_runtime(device)
         self.max_adapters = max_adapters
         self.max_base_models = max_base_models
+        self.storage = storage
         self.lock = threading.Lock()
         # name -> [model (a PeftModel once it has adapters), tokenizer]
         self._bases: OrderedDict[str, list[Any]] = OrderedDict()
@@ -174,13 +194,26 @@ class ModelPool:
             log.info("base model %s unloaded (least recently used)", old)
         return self._bases[name]
 
+    def _archive(self, adapter: Adapter) -> Path:
+        """The archive on this machine's disk (an object store's is downloaded once)."""
+        missing = ServingError(404, f"adapter archive of {adapter.id} is missing")
+        if adapter.key is None:
+            archive = Path(adapter.archive or "")
+            if not archive.is_file():
+                raise missing
+            return archive
+        if self.storage is None:
+            raise ServingError(500, "this model server has no storage to fetch adapters from")
+        try:
+            return self.storage.fetch(adapter.key)
+        except ObjectNotFound:
+            raise missing from None
+
     def _load_adapter(self, model: Any, adapter: Adapter) -> Any:
         """`model` with the adapter added (the first one wraps the base in a PeftModel)."""
         from peft import PeftModel
 
-        archive = Path(adapter.archive)
-        if not archive.is_file():
-            raise ServingError(404, f"adapter archive of {adapter.id} is missing")
+        archive = self._archive(adapter)
         started = time.monotonic()
         # The weights are read into memory, so the unpacked folder is only needed while loading.
         with tempfile.TemporaryDirectory(prefix="grait-adapter-") as tmp:
@@ -350,6 +383,7 @@ def make_server(settings: Settings, host: str, port: int) -> ThreadingHTTPServer
         device=settings.serving_device,
         max_adapters=settings.serving_max_adapters,
         max_base_models=settings.serving_max_base_models,
+        storage=get_storage(settings),
     )
     handler = type("BoundHandler", (Handler,), {"pool": pool})
     server = ThreadingHTTPServer((host, port), handler)

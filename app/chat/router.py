@@ -29,7 +29,7 @@ from app.chat.schemas import (
 )
 from app.chat.serving import Generation, ModelServer, unavailable
 from app.db import in_request_session
-from app.deps import REQUIRE_KEY, PrincipalDep, SettingsDep, StorageDep
+from app.deps import REQUIRE_KEY, PrincipalDep, SettingsDep
 from app.openai_compat.errors import OPENAI_ERROR_RESPONSES, OpenAIRoute
 
 router = APIRouter(
@@ -120,7 +120,6 @@ async def create_chat_completion(
     body: ChatCompletionCreate,
     principal: PrincipalDep,
     settings: SettingsDep,
-    storage: StorageDep,
     server: ModelServerDep,
 ) -> Any:
     """A tuned job's `fine_tuned_model` or a base model answers; `stream: true` sends
@@ -128,7 +127,7 @@ async def create_chat_completion(
     served = await in_request_session(
         settings,
         lambda session: service.resolve_model(
-            session=session, storage=storage, tenant_id=principal.tenant_id, model=body.model
+            session=session, tenant_id=principal.tenant_id, model=body.model
         ),
     )
     # No database session is held from here on: a generation can take a while.

@@ -18,7 +18,6 @@ from app.jobs import service as jobs_service
 from app.jobs.lifecycle import JobStatus
 from app.models import Artifact, Job
 from app.openai_compat.schemas import fine_tuned_model_name
-from app.storage import Storage
 from grait.registry import KNOWN_MODELS
 
 
@@ -29,7 +28,9 @@ class ServedModel:
     name: str
     base_model: str
     adapter_id: str | None = None
-    adapter_archive: str | None = None
+    # The adapter archive's storage key: the serving process fetches it from the same storage
+    # (it may run on another machine, so a path here would mean nothing there).
+    adapter_key: str | None = None
 
 
 def model_not_found(model: str) -> APIError:
@@ -41,7 +42,7 @@ def model_not_found(model: str) -> APIError:
     )
 
 
-def _adapter_of(session: Session, storage: Storage, job: Job) -> ServedModel | None:
+def _adapter_of(session: Session, job: Job) -> ServedModel | None:
     if job.status != JobStatus.SUCCEEDED:
         return None
     row = session.scalar(
@@ -53,11 +54,11 @@ def _adapter_of(session: Session, storage: Storage, job: Job) -> ServedModel | N
         name=fine_tuned_model_name(job),
         base_model=job.base_model,
         adapter_id=job.id,
-        adapter_archive=str(storage.local_path(row.storage_key)),
+        adapter_key=row.storage_key,
     )
 
 
-def resolve_model(*, session: Session, storage: Storage, tenant_id: str, model: str) -> ServedModel:
+def resolve_model(*, session: Session, tenant_id: str, model: str) -> ServedModel:
     """The tenant's model of that name (see the module's docstring), else 404."""
     if model in KNOWN_MODELS:
         return ServedModel(name=model, base_model=model)
@@ -67,16 +68,16 @@ def resolve_model(*, session: Session, storage: Storage, tenant_id: str, model: 
             job = jobs_service.get_job(session=session, tenant_id=tenant_id, job_id=job_id)
         except APIError:
             raise model_not_found(model) from None
-        served = _adapter_of(session, storage, job)
+        served = _adapter_of(session, job)
         if served is not None and served.name == model:
             return served
     raise model_not_found(model)
 
 
-def job_model(*, session: Session, storage: Storage, tenant_id: str, job_id: str) -> ServedModel:
+def job_model(*, session: Session, tenant_id: str, job_id: str) -> ServedModel:
     """The tuned model of one of the tenant's jobs (the dashboard's try-it box)."""
     job = jobs_service.get_job(session=session, tenant_id=tenant_id, job_id=job_id)
-    served = _adapter_of(session, storage, job)
+    served = _adapter_of(session, job)
     if served is None:
         raise APIError(
             409, "model_not_ready", f"Job {job_id} has no tuned model (it has not succeeded)."

@@ -117,9 +117,7 @@ class ModelServer:
         body = {
             "base_model": served.base_model,
             "adapter": (
-                {"id": served.adapter_id, "archive": served.adapter_archive}
-                if served.adapter_id
-                else None
+                {"id": served.adapter_id, "key": served.adapter_key} if served.adapter_id else None
             ),
             "messages": messages,
             "prompt_format": prompt_format,

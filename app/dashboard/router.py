@@ -17,16 +17,17 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Form, Request
 from fastapi.responses import (
-    FileResponse,
     HTMLResponse,
     PlainTextResponse,
     RedirectResponse,
+    Response,
     StreamingResponse,
 )
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.auth.service import Principal, authenticate
 from app.chat import service as chat
@@ -34,6 +35,7 @@ from app.datasets import service as datasets
 from app.datasets.upload import accept_dataset_upload
 from app.db import in_request_session
 from app.deps import SettingsDep, StorageDep
+from app.downloads import stored_file_response
 from app.errors import APIError
 from app.jobs import service as jobs
 from app.jobs.lifecycle import TERMINAL_STATUSES
@@ -41,7 +43,7 @@ from app.jobs.schemas import EventObject, JobCreate, JobObject
 from app.jobs.stream import event_stream
 from app.openai_compat.schemas import fine_tuned_model_name
 from app.settings import Settings
-from app.storage import Storage
+from app.storage import ObjectNotFound, Storage
 from grait.config import DEFAULT_BASE_MODEL
 from grait.events import STAGES
 from grait.methods import METHOD_NAMES
@@ -248,7 +250,11 @@ def _timeline(events: list[dict[str, Any]], stages: list[str]) -> list[dict[str,
 
 
 def _read_artifact(storage: Storage, row: Any) -> Any:
-    path = storage.local_path(row.storage_key)
+    """Blocking (an object store downloads it once into this machine's cache): run in a thread."""
+    try:
+        path = storage.fetch(row.storage_key)
+    except ObjectNotFound:  # the page shows without it
+        return None
     if row.kind == "report_json":
         return json.loads(path.read_text())
     if row.kind in ("selection", "answers"):
@@ -290,11 +296,11 @@ async def job_page(
     report = selection = answers = None
     for artifact in data["artifacts"]:
         if artifact["kind"] == "report_json":
-            report = _read_artifact(storage, artifact["row"])
+            report = await run_in_threadpool(_read_artifact, storage, artifact["row"])
         elif artifact["kind"] == "selection":
-            selection = _read_artifact(storage, artifact["row"])
+            selection = await run_in_threadpool(_read_artifact, storage, artifact["row"])
         elif artifact["kind"] == "answers":
-            answers = _read_artifact(storage, artifact["row"])
+            answers = await run_in_threadpool(_read_artifact, storage, artifact["row"])
     outcome = request.query_params.get("outcome", "")
     known = request.query_params.get("known", "")
     shown = [
@@ -387,16 +393,13 @@ async def try_it(
     request: Request,
     principal: PrincipalDep,
     settings: SettingsDep,
-    storage: StorageDep,
 ) -> StreamingResponse | PlainTextResponse:
     """The try-it box: one question to the job's tuned model (or its base), greedy, with the
     prompt it was trained on; the answer streams back as plain text."""
     try:
         served = await _run(
             settings,
-            lambda s: chat.job_model(
-                session=s, storage=storage, tenant_id=principal.tenant_id, job_id=job_id
-            ),
+            lambda s: chat.job_model(session=s, tenant_id=principal.tenant_id, job_id=job_id),
         )
         if body.model == "base":
             served = chat.ServedModel(name=served.base_model, base_model=served.base_model)
@@ -434,7 +437,7 @@ async def artifact(
     principal: PrincipalDep,
     settings: SettingsDep,
     storage: StorageDep,
-) -> FileResponse | HTMLResponse:
+) -> Response:
     def work(session: Session) -> Any:
         try:
             return jobs.get_artifact(
@@ -449,9 +452,16 @@ async def artifact(
     row = await _run(settings, work)
     if row is None:
         return _not_found(request, "artifact")
-    return FileResponse(
-        storage.local_path(row.storage_key), media_type=row.content_type, filename=row.filename
-    )
+    try:
+        return await run_in_threadpool(
+            stored_file_response,
+            storage,
+            key=row.storage_key,
+            filename=row.filename,
+            media_type=row.content_type,
+        )
+    except ObjectNotFound:
+        return _not_found(request, "artifact")
 
 
 # ---- datasets ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app.errors import APIError, not_found
 from app.idempotency import Idempotency
 from app.jobs.lifecycle import ACTIVE_STATUSES
-from app.models import Dataset, Job, JobDataset, new_id
+from app.models import Dataset, Job, JobDataset
 from app.storage import Storage
 from grait.data import FORMATS, DataError, detect_format, load_records
 
@@ -74,43 +74,41 @@ def inspect_file(
     return fmt, mcqa, len(records) - mcqa
 
 
-def store_dataset(
+def dataset_key(dataset_id: str, display_name: str) -> str:
+    """The stored name: `safe_filename` of the client's, under a folder named by the new id,
+    so `../x` or `C:\\x` cannot point anywhere else."""
+    return f"datasets/{dataset_id}/{display_name}"
+
+
+def dataset_folder(stored_key: str) -> str:
+    return str(Path(stored_key).parent)
+
+
+def record_dataset(
     *,
     session: Session,
-    storage: Storage,
     tenant_id: str,
-    staged: Path,
-    filename: str,
+    dataset_id: str,
+    stored_key: str,
+    display_name: str,
     name: str | None,
-    format: str,
+    inspected: tuple[str, int, int],
     size: int,
     sha256: str,
-    max_rows: int | None = None,
     idempotency: Idempotency | None = None,
-    inspected: tuple[str, int, int] | None = None,
 ) -> Dataset:
-    """Validate the staged file, move it into storage and commit its row; on any failure remove it.
+    """Commit the row of a file already validated (`inspect_file`'s answer) and stored.
 
-    `inspected`: `inspect_file`'s answer when the caller already parsed the file (uploads do,
-    before taking a database slot, so parsing a large file holds no connection).
-
-    The client's file name is only ever a label: the stored name is `safe_filename` of it,
-    under a directory named by the new id, so `../x` or `C:\\x` cannot point anywhere else.
+    The caller stores the file first, outside any database session (an object store's upload
+    takes a while), and removes it again when this raises.
     """
-    display = safe_filename(filename)
-    stored_key: str | None = None
+    fmt, mcqa, oeqa = inspected
     try:
-        fmt, mcqa, oeqa = inspected or inspect_file(
-            staged, format=format, display_name=display, max_rows=max_rows
-        )
-        dataset_id = new_id("ds")
-        stored_key = f"datasets/{dataset_id}/{display}"
-        storage.put_file(stored_key, staged, move=True)
         row = Dataset(
             id=dataset_id,
             tenant_id=tenant_id,
-            filename=display,
-            name=(name or "").strip() or Path(display).stem,
+            filename=display_name,
+            name=(name or "").strip() or Path(display_name).stem,
             format=fmt,
             kind="mcqa" if not oeqa else "oeqa" if not mcqa else "mixed",
             rows=mcqa + oeqa,
@@ -127,9 +125,6 @@ def store_dataset(
         return row
     except BaseException:
         session.rollback()
-        staged.unlink(missing_ok=True)
-        if stored_key:
-            storage.delete_prefix(str(Path(stored_key).parent))
         raise
 
 
@@ -185,4 +180,4 @@ def delete_dataset(*, session: Session, storage: Storage, tenant_id: str, datase
         link.dataset_id = None
     session.delete(row)
     session.commit()
-    storage.delete_prefix(str(Path(row.storage_key).parent))
+    storage.delete_prefix(dataset_folder(row.storage_key))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -22,9 +23,9 @@ from app.datasets import service
 from app.db import in_request_session
 from app.errors import APIError
 from app.idempotency import Idempotency, run_idempotent
-from app.models import Dataset
+from app.models import Dataset, new_id
 from app.settings import Settings
-from app.storage import Storage
+from app.storage import Storage, StorageError
 
 MAX_FIELD_BYTES = 4096
 MULTIPART_FRAMING_SLACK = 64 * 1024
@@ -240,6 +241,9 @@ async def accept_dataset_upload(
 
     staged = upload.path.rename(upload.path.with_suffix(suffix)) if suffix else upload.path
     fmt = upload.fields.get("format", "auto").strip() or "auto"
+    display = service.safe_filename(upload.filename or "dataset")
+    dataset_id = new_id("ds")
+    stored_key = service.dataset_key(dataset_id, display)
     try:
         # Parsed here, before the database gate: a large file holds no database slot. At
         # most PARSE_SLOTS parse at once: parsing is GIL-bound Python, and every extra
@@ -250,41 +254,48 @@ async def accept_dataset_upload(
                 service.inspect_file,
                 staged,
                 format=fmt,
-                display_name=service.safe_filename(upload.filename or "dataset"),
+                display_name=display,
                 max_rows=settings.max_dataset_rows,
             ),
             limiter=parse_limiter(),
         )
+        # Stored before the gate too: an object store's multipart upload takes a while.
+        await anyio.to_thread.run_sync(partial(storage.put_file, stored_key, staged, move=True))
     except BaseException:
         staged.unlink(missing_ok=True)
         raise
 
     def accept(session: Session) -> tuple[Dataset, bool]:
         def store() -> Dataset:
-            return service.store_dataset(
+            return service.record_dataset(
                 session=session,
-                storage=storage,
                 tenant_id=tenant_id,
-                staged=staged,
-                filename=upload.filename or "dataset",
+                dataset_id=dataset_id,
+                stored_key=stored_key,
+                display_name=display,
                 name=upload.fields.get("name"),
-                format=fmt,
+                inspected=inspected,
                 size=upload.size,
                 sha256=upload.sha256,
-                max_rows=settings.max_dataset_rows,
                 idempotency=idempotency,
-                inspected=inspected,
             )
 
-        def load(dataset_id: str) -> Dataset:
-            return service.get_dataset(session=session, tenant_id=tenant_id, dataset_id=dataset_id)
+        def load(earlier_id: str) -> Dataset:
+            return service.get_dataset(session=session, tenant_id=tenant_id, dataset_id=earlier_id)
 
         return run_idempotent(
             idempotency, session=session, settings=settings, create=store, load=load
         )
 
+    kept = False
     try:
-        return await in_request_session(settings, accept)
+        dataset, replayed = await in_request_session(settings, accept)
+        kept = dataset.id == dataset_id
+        return dataset, replayed
     finally:
-        # Stored datasets were moved out of staging; a replay, conflict or bad file was not.
-        staged.unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)  # moved into storage, unless storing failed
+        if not kept:  # a replay, a conflict or a failed commit: the copy just stored goes
+            with anyio.CancelScope(shield=True), suppress(StorageError):
+                await anyio.to_thread.run_sync(
+                    storage.delete_prefix, service.dataset_folder(stored_key)
+                )

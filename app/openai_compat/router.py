@@ -14,7 +14,8 @@ from fastapi.responses import FileResponse
 
 from app.datasets.upload import accept_dataset_upload
 from app.deps import REQUIRE_KEY, PrincipalDep, SessionDep, SettingsDep, StorageDep
-from app.errors import APIError
+from app.downloads import DOWNLOAD_RESPONSES, stored_file_response
+from app.errors import APIError, not_found
 from app.idempotency import REPLAYED_HEADER, Idempotency, IdempotencyKeyHeader
 from app.jobs import service as jobs_service
 from app.jobs.schemas import EVENT_PREFIX
@@ -31,6 +32,7 @@ from app.openai_compat.schemas import (
     FineTuningJobObject,
 )
 from app.pagination import AfterQuery, ListPage, page_of
+from app.storage import ObjectNotFound
 
 router = APIRouter(
     prefix="/v1",
@@ -141,15 +143,23 @@ def retrieve_file(file_id: str, principal: PrincipalDep, session: SessionDep) ->
     )
 
 
-@router.get("/files/{file_id}/content", tags=["openai: files"], response_class=FileResponse)
+@router.get(
+    "/files/{file_id}/content",
+    tags=["openai: files"],
+    response_class=FileResponse,
+    responses=DOWNLOAD_RESPONSES,
+)
 def file_content(
     file_id: str, principal: PrincipalDep, session: SessionDep, storage: StorageDep
-) -> FileResponse:
+) -> Response:
     row = service.get_file(session=session, tenant_id=principal.tenant_id, file_id=file_id)
     media_type = getattr(row, "content_type", None) or "application/octet-stream"
-    return FileResponse(
-        storage.local_path(row.storage_key), media_type=media_type, filename=row.filename
-    )
+    try:
+        return stored_file_response(
+            storage, key=row.storage_key, filename=row.filename, media_type=media_type
+        )
+    except ObjectNotFound:
+        raise not_found("file", file_id) from None
 
 
 @router.delete("/files/{file_id}", tags=["openai: files"], response_model=FileDeleted)

@@ -48,12 +48,14 @@ def test_job_whose_dataset_file_vanished_fails_with_invalid_dataset(
     datasets: dict[str, str],
     tiny_model: Path,
     service_env: dict[str, str],
-    worker: Worker,
+    worker_control: Worker,
 ) -> None:
     own = upload(client, data_dir / "mmlu_excerpt.csv").json()["id"]
+    worker_control.stop()  # the file goes after the submit, before a worker reads it
+    job = client.post("/v1/jobs", json=tiny_job(tiny_model, datasets, train_dataset=own)).json()
     for file in (Path(service_env["GRAIT_STORAGE_DIR"]) / "datasets" / own).iterdir():
         file.unlink()  # storage lost the file behind the service's back
-    job = client.post("/v1/jobs", json=tiny_job(tiny_model, datasets, train_dataset=own)).json()
+    worker_control.ensure_running()
 
     done = wait_for_status(client, job["id"], {"succeeded", "failed", "cancelled"}, timeout=90)
 
@@ -63,6 +65,27 @@ def test_job_whose_dataset_file_vanished_fails_with_invalid_dataset(
     assert "/" not in done["error"]["message"].split("no such file")[0], done["error"]
     last = all_events(client, job["id"])[-1]
     assert (last["level"], last["data"]["error_code"]) == ("error", "invalid_dataset")
+
+
+def test_a_submit_naming_a_dataset_whose_file_vanished_is_refused(
+    client: httpx.Client,
+    data_dir: Path,
+    datasets: dict[str, str],
+    tiny_model: Path,
+    service_env: dict[str, str],
+) -> None:
+    own = upload(client, data_dir / "mmlu_excerpt.csv").json()["id"]
+    for file in (Path(service_env["GRAIT_STORAGE_DIR"]) / "datasets" / own).iterdir():
+        file.unlink()
+
+    response = client.post("/v1/jobs", json=tiny_job(tiny_model, datasets, train_dataset=own))
+
+    assert response.status_code == 422
+    assert response.json()["error"] == {
+        "code": "dataset_not_found",
+        "message": f"Dataset {own!r} has lost its stored file; upload it again.",
+        "param": "train_dataset",
+    }
 
 
 @pytest.mark.timeout(120)

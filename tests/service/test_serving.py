@@ -101,3 +101,31 @@ def test_the_pool_keeps_the_most_recent_adapters_and_switches_between_them(
     assert list(generate_events(pool, request)) == [
         {"event": "error", "status": 404, "message": "adapter archive of job-gone is missing"}
     ]
+
+
+def test_an_adapter_named_by_its_storage_key_is_fetched_from_the_storage(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """What the API sends: the artifact's key; the serving process reads the service's storage."""
+    from app.storage import LocalStorage
+
+    storage = LocalStorage(tmp_path / "storage")
+    archive = Path(_adapter(tiny_model, tmp_path / "a3", 3).archive or "")
+    storage.put_file("jobs/job-3/attempt-1/job-3-adapter.tar.gz", archive)
+    pool = ModelPool(device="cpu", max_adapters=1, max_base_models=1, storage=storage)
+
+    def events(adapter_id: str, key: str) -> list[dict]:
+        request = GenerateRequest(
+            base_model=str(tiny_model),
+            adapter=Adapter(id=adapter_id, key=key),
+            messages=[Turn(role="user", content="?")],
+            max_new_tokens=2,
+            temperature=0,
+        )
+        return list(generate_events(pool, request))
+
+    assert events("job-3", "jobs/job-3/attempt-1/job-3-adapter.tar.gz")[-1]["event"] == "end"
+    assert pool.loaded() == {str(tiny_model): ["job-3"]}
+    assert events("job-4", "jobs/job-4/attempt-1/job-4-adapter.tar.gz") == [
+        {"event": "error", "status": 404, "message": "adapter archive of job-4 is missing"}
+    ]
