@@ -144,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.set_defaults(func=_serve)
-    worker = sub.add_parser("worker", help="run a Celery worker on the job queue (GRAIT_QUEUE)")
+    worker = sub.add_parser(
+        "worker",
+        help="run a Celery worker on its class's job queue (GRAIT_QUEUE.GRAIT_COMPUTE_CLASS)",
+    )
     worker.add_argument(
         "--name",
         default=None,

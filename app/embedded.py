@@ -64,7 +64,7 @@ def worker_command(settings: Settings, *, name: str = EMBEDDED_WORKER_NAME) -> l
         "--concurrency",
         "1",
         "-Q",
-        settings.queue,
+        settings.worker_queue,
         "-n",
         name,
         "--without-gossip",

@@ -57,15 +57,15 @@ def check_broker(settings: Settings) -> None:
         conn.ensure_connection(max_retries=1)
 
 
-def queue_depth(settings: Settings) -> int | None:
-    """Messages waiting in the job queue, or None when the broker cannot say."""
+def queue_depth(settings: Settings, queue: str) -> int | None:
+    """Messages waiting in one job queue, or None when the broker cannot say."""
     if settings.embedded_broker:
         folder = settings.broker_dir / "queue"
-        return sum(1 for p in folder.glob(f"*.{settings.queue}.msg")) if folder.is_dir() else 0
+        return sum(1 for p in folder.glob(f"*.{queue}.msg")) if folder.is_dir() else 0
     if settings.broker_url.startswith(("redis://", "rediss://")):
         client = _redis_client(settings)
         try:
-            base = settings.broker_key_prefix + settings.queue
+            base = settings.broker_key_prefix + queue
             keys = [base] + [f"{base}{REDIS_PRIORITY_SEP}{p}" for p in (3, 6, 9)]
             return sum(int(client.llen(k)) for k in keys)
         finally:
@@ -147,9 +147,11 @@ class _StateCollector:
             "grait_queue_depth", "Messages waiting in the job queue.", labels=["queue"]
         )
         try:
-            value = queue_depth(self.settings)
-            if value is not None:
-                depth.add_metric([self.settings.queue], value)
+            for compute_class in self.settings.offered_classes:
+                queue = self.settings.queue_for(compute_class)
+                value = queue_depth(self.settings, queue)
+                if value is not None:
+                    depth.add_metric([queue], value)
         except Exception:
             log.warning("metrics: could not read the queue depth", exc_info=True)
         yield depth

@@ -144,6 +144,10 @@ class Job(Base):
     warnings: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     # The predicted time and peak memory per stage at submit (grait.planning), when plannable
     plan: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Which workers may run it (grait.planning class), and the queue they take turns from;
+    # None = rows from before classes
+    compute_class: Mapped[str | None] = mapped_column(String(64))
+    queue: Mapped[str | None] = mapped_column(String(255), index=True)
     time_limit_seconds: Mapped[int | None] = mapped_column(Integer)  # None = the server's max
 
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -40,8 +40,7 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,
-        task_default_queue=settings.queue,
-        task_routes={RUN_JOB_TASK: {"queue": settings.queue}},
+        task_default_queue=settings.worker_queue,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_ignore_result=True,
@@ -64,11 +63,16 @@ def _client(settings: Settings) -> Celery:
     return _clients[key]
 
 
-def publish_job(job_id: str, settings: Settings | None = None) -> bool:
-    """Send 'run job X' to the GPU queue; call only after the job row is committed."""
+def publish_job(job_id: str, settings: Settings | None = None, queue: str | None = None) -> bool:
+    """Wake a worker of the job's class; call only after the job row is committed.
+
+    The message is a turn, not an assignment: the worker that takes it claims the fairest
+    queued job of its class (`lifecycle.claim_next`), which may be another tenant's.
+    """
     settings = settings or get_settings()
     try:
-        _client(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=settings.queue)
+        target = queue or settings.worker_queue  # the job row's queue; none: this class's
+        _client(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=target)
         return True
     except Exception:  # the sweeper republishes queued jobs that were never sent
         log.exception("could not publish job %s", job_id)

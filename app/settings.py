@@ -2,17 +2,19 @@
 
 The defaults describe the embedded one-machine mode: SQLite for the database and Celery's
 filesystem transport for the queue, both under `./var`, so `python -m app` needs no servers.
-Production sets `GRAIT_DATABASE_URL` (Postgres) and `GRAIT_BROKER_URL` (Redis).
+Production sets `GRAIT_DATABASE_URL` (Postgres), `GRAIT_BROKER_URL` (Redis) and, for more
+than one machine, `GRAIT_STORAGE_BACKEND=s3` with a bucket.
 """
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 EMBEDDED_BROKER = "filesystem://"
 
@@ -28,18 +30,71 @@ class Settings(BaseSettings):
     )
     broker_dir: Path = Path("./var/broker")
     storage_dir: Path = Field(
-        Path("./var/storage"), description="Uploaded datasets and job artifacts."
+        Path("./var/storage"),
+        description="Uploaded datasets and job artifacts (`storage_backend=local`); with an "
+        "object store, this machine's staging and download cache.",
     )
     runs_dir: Path = Field(
         Path("./var/runs"), description="Worker scratch: per-job stage checkpoints."
     )
 
+    # Object storage (`storage_backend=s3`): S3, MinIO, R2, GCS's XML API, ...
+    storage_backend: Literal["local", "s3"] = Field(
+        "local",
+        description="`local`: files under `storage_dir` (one machine, or a shared volume); "
+        "`s3`: an S3-compatible bucket shared by every API, worker and serving process.",
+    )
+    stage_checkpoints: Literal["auto", "store", "local"] = Field(
+        "auto",
+        description="`store`: each completed stage is also uploaded to the storage, so a job "
+        "resumes on another worker that shares no disk; `local`: run folders only; auto = store "
+        "when the storage is `s3`.",
+    )
+    storage_endpoint_url: str | None = Field(
+        None,
+        description="The S3 endpoint as the service reaches it (`http://minio:9000`); unset: AWS.",
+    )
+    storage_public_endpoint_url: str | None = Field(
+        None,
+        description="The endpoint as clients reach it, for presigned download URLs (a proxy or "
+        "public name in front of `storage_endpoint_url`); unset: `storage_endpoint_url`.",
+    )
+    storage_bucket: str | None = Field(None, description="The bucket; must exist.")
+    storage_prefix: str = Field("", description="Key prefix in the bucket, to share one bucket.")
+    storage_region: str = Field("us-east-1", description="The bucket's region (MinIO: any).")
+    storage_access_key_id: SecretStr | None = Field(
+        None, description="Unset: the client's default chain (AWS_* variables, instance role)."
+    )
+    storage_secret_access_key: SecretStr | None = None
+    storage_presign_downloads: bool = Field(
+        False,
+        description="Download routes answer 307 to a presigned URL of the object store instead "
+        "of streaming the file through the API.",
+    )
+    storage_presign_expires_seconds: int = Field(
+        900, ge=1, le=7 * 24 * 3600, description="How long a presigned download URL is valid."
+    )
+    storage_part_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=5 * 1024 * 1024,
+        description="Multipart upload part size (S3's minimum is 5 MiB).",
+    )
+
     # Queue
-    queue: str = Field("gpu", description="Queue the API publishes jobs to and workers consume.")
+    queue: str = Field(
+        "gpu",
+        description="Queue name prefix: a job of compute class C goes to `<queue>.<C>`, which "
+        "the workers of class C consume.",
+    )
     compute_class: str = Field(
         "cpu",
-        description="What the workers run on (`grait.planning` classes, e.g. cpu, "
-        "gpu-h100-80g): jobs are planned against it at submit, and refused when they won't fit.",
+        description="A worker: the class it runs on and serves (`grait.planning` classes, e.g. "
+        "cpu, gpu-h100-80g). The API: the class of a job that names none.",
+    )
+    compute_classes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="The API: every class this deployment has workers for (`a,b` or a JSON "
+        "list); a job naming another is refused at submit. Empty = only `compute_class`.",
     )
     broker_key_prefix: str = Field(
         "", description="Redis key prefix, to share one Redis between services."
@@ -156,6 +211,42 @@ class Settings(BaseSettings):
     chat_max_tokens: int = Field(
         512, ge=1, description="Cap on (and default of) a chat request's max_tokens."
     )
+
+    @field_validator("compute_classes", mode="before")
+    @classmethod
+    def _class_list(cls, value: Any) -> Any:
+        """A JSON list, as the environment gives it, or `a,b` (also when passed as a string)."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [c.strip() for c in text.split(",") if c.strip()]
+        return value
+
+    @property
+    def checkpoints_in_storage(self) -> bool:
+        if self.stage_checkpoints == "auto":
+            return self.storage_backend != "local"
+        return self.stage_checkpoints == "store"
+
+    @property
+    def offered_classes(self) -> list[str]:
+        return list(dict.fromkeys([self.compute_class, *self.compute_classes]))
+
+    def queue_for(self, compute_class: str | None) -> str:
+        """The queue of a class's workers (a job row without a class: this deployment's)."""
+        return f"{self.queue}.{compute_class or self.compute_class}"
+
+    @property
+    def worker_queue(self) -> str:
+        """The queue a worker started with these settings consumes."""
+        return self.queue_for(self.compute_class)
+
+    @model_validator(mode="after")
+    def _object_store_has_a_bucket(self) -> Settings:
+        if self.storage_backend == "s3" and not self.storage_bucket:
+            raise ValueError("GRAIT_STORAGE_BACKEND=s3 needs GRAIT_STORAGE_BUCKET")
+        return self
 
     @property
     def embedded_broker(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -72,6 +73,7 @@ from grait.training import (
     train_weighted,
 )
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 OPERATING_POINT = "operating_point.json"  # selection/: the `auto` budget's evidence
 FORMAT_VERSION = 1
@@ -180,6 +182,22 @@ def copy_completed_stages(src: Path | str, dst: Path | str) -> list[str]:
             shutil.copytree(src / stage, dst / stage, copy_function=_link_or_copy)
     _write_manifest(dst, manifest)
     return done
+
+
+def adopt_run_dir(run_dir: Path | str, config: JobConfig) -> None:
+    """Claim a run folder's completed stages for `config`.
+
+    For a copy made on another machine of the same job: its manifest names that machine's
+    dataset paths, so its spec hash differs although the job is the same. The caller vouches
+    that it is (the service: one job row, one immutable set of datasets).
+    """
+    run_dir = Path(run_dir)
+    manifest = _read_manifest(run_dir)
+    if manifest is None:
+        return
+    manifest["config"] = config.model_dump(mode="json")
+    manifest["config_hash"] = config_hash(config)
+    _write_manifest(run_dir, manifest)
 
 
 def _link_or_copy(source: str, target: str) -> None:
@@ -999,7 +1017,7 @@ def run_pipeline(
 
     run = _Run(config, run_dir, emit, cancel)
     if compute_class is not None:
-        _write_plan(config, run_dir, compute_class, emit)
+        _write_plan(config, run_dir, compute_class)
     wanted = stages_for(config.method)
     timings = {s: manifest["stages"][s]["seconds"] for s in STAGES if s in manifest["stages"]}
     for stage in STAGES:
@@ -1049,34 +1067,19 @@ def run_pipeline(
 PLAN_FILE = "plan.json"
 
 
-def _write_plan(
-    config: JobConfig, run_dir: Path, compute_class: str, emit: ProgressCallback
-) -> None:
+def _write_plan(config: JobConfig, run_dir: Path, compute_class: str) -> None:
     """Plan once per run folder (a resumed attempt keeps the first plan)."""
     from grait.planning import PlanError, plan_config
 
     path = run_dir / PLAN_FILE
     if path.exists():
         return
-    first = stages_for(config.method)[0]  # the event belongs to the stage that starts next
     try:
         plan = plan_config(config, compute_class)
     except (PlanError, ValueError) as exc:
-        emit(PipelineEvent("warning", first, message=f"no plan: {exc}"))
+        log.warning("no plan for this run: %s", exc)
         return
     path.write_text(json.dumps(plan.to_json(), indent=2))
-    emit(
-        PipelineEvent(
-            "metrics",
-            first,
-            message=f"plan on {compute_class}: about {plan.seconds / 60:.1f} min, "
-            f"peak {plan.peak_memory_bytes / 1e9:.2f} GB",
-            data={
-                "plan_seconds": round(plan.seconds, 1),
-                "plan_peak_memory_bytes": round(plan.peak_memory_bytes),
-            },
-        )
-    )
 
 
 def _attach_plan(run_dir: Path, manifest: dict[str, Any]) -> None:

@@ -20,10 +20,10 @@ from sqlalchemy.orm import selectinload
 
 from app.db import short_session
 from app.jobs.config import build_job_config
-from app.jobs.lifecycle import Fenced, JobStatus, claim, finish
+from app.jobs.lifecycle import Fenced, JobStatus, claim_next, finish
 from app.models import Artifact, Dataset, Job, new_id
 from app.settings import Settings
-from app.storage import Storage, get_storage
+from app.storage import ObjectNotFound, Storage, get_storage
 from grait.config import JobConfig
 from grait.data import DataError
 from grait.events import Cancelled
@@ -57,21 +57,29 @@ def load_config(job_id: str, *, settings: Settings, storage: Storage) -> JobConf
             select(Job).where(Job.id == job_id).options(selectinload(Job.datasets))
         )
         assert job is not None
-        specs = []
+        stored = []
         for link in job.datasets:
             dataset = session.get(Dataset, link.dataset_id) if link.dataset_id else None
             if dataset is None:
                 raise DataError(f"dataset #{link.position}", "the dataset was deleted")
-            specs.append(
-                (str(storage.local_path(dataset.storage_key)), dataset.format, link.options)
-            )
-        return build_job_config(
-            method=job.method,
-            base_model=job.base_model,
-            seed=job.seed,
-            hyperparameters=job.hyperparameters,
-            datasets=specs,
-        )
+            stored.append((dataset.storage_key, dataset.filename, dataset.format, link.options))
+        method, base_model, seed = job.method, job.base_model, job.seed
+        hyperparameters = job.hyperparameters
+    # Outside the session: an object store's download may take a while.
+    specs = []
+    for key, filename, fmt, options in stored:
+        try:
+            path = storage.fetch(key)
+        except ObjectNotFound:  # lost behind the service's back
+            raise DataError(filename, "no such file or folder") from None
+        specs.append((str(path), fmt, options))
+    return build_job_config(
+        method=method,
+        base_model=base_model,
+        seed=seed,
+        hyperparameters=hyperparameters,
+        datasets=specs,
+    )
 
 
 # An absolute path (two or more segments) in an error message: the server's layout.
@@ -132,14 +140,15 @@ def store_artifacts(
         else:
             filename = f"{stem}-{path.name}"
         key = f"{attempt_prefix(job_id, attempt)}/{filename}"
-        size = storage.put_file(key, path)
+        content_type = CONTENT_TYPES.get(kind, "application/octet-stream")
+        size = storage.put_file(key, path, content_type=content_type)
         rows.append(
             Artifact(
                 id=new_id("file"),
                 job_id=job_id,
                 kind=kind,
                 filename=filename,
-                content_type=CONTENT_TYPES.get(kind, "application/octet-stream"),
+                content_type=content_type,
                 bytes=size,
                 storage_key=key,
             )
@@ -147,11 +156,15 @@ def store_artifacts(
     return rows
 
 
-def attempt_run_dir(runs_dir: Path, job_id: str, attempt: int) -> Path:
+def attempt_run_dir(
+    runs_dir: Path, job_id: str, attempt: int, *, storage: Storage | None = None
+) -> tuple[Path, bool]:
     """This attempt's own run folder, seeded with the completed stages of the latest earlier
     attempt (hard links), so it resumes there without sharing a folder with an attempt that
-    may still be running somewhere."""
+    may still be running somewhere. With no earlier folder on this disk, `storage`'s stage
+    checkpoints (an attempt that ran on another machine) seed it instead; the flag says so."""
     from grait.pipeline import copy_completed_stages
+    from worker.checkpoints import restore
 
     root = runs_dir / job_id
     run_dir = root / f"attempt-{attempt}"
@@ -159,10 +172,13 @@ def attempt_run_dir(runs_dir: Path, job_id: str, attempt: int) -> Path:
     earlier = [root / f"attempt-{k}" for k in range(attempt - 1, 0, -1)] + [root]
     for source in earlier:
         if copy_completed_stages(source, run_dir):
-            break
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+            return run_dir, False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    restored = restore(job_id, run_dir, storage) if storage is not None and attempt > 1 else []
+    if restored:
+        log.info("job %s: restored %s from the stored checkpoints", job_id, ", ".join(restored))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, bool(restored)
 
 
 def _drop_other_attempts(
@@ -174,11 +190,15 @@ def _drop_other_attempts(
         shutil.rmtree(settings.runs_dir / job_id / f"attempt-{k}", ignore_errors=True)
 
 
-def run_job(job_id: str, *, worker_name: str, settings: Settings) -> str:
-    attempt = claim(job_id, worker_name=worker_name, settings=settings)
-    if attempt is None:
-        log.info("job %s is not queued (cancelled, done or taken); skipping", job_id)
+def run_job(message_job_id: str, *, worker_name: str, settings: Settings) -> str:
+    """Run the queued job whose turn it is (the message's own job, or a fairer one)."""
+    claimed = claim_next(message_job_id, worker_name=worker_name, settings=settings)
+    if claimed is None:
+        log.info(
+            "nothing queued for class %s; skipping (a duplicate message)", settings.compute_class
+        )
         return "skipped"
+    job_id, attempt = claimed
     fence = Fenced(job_id, attempt, settings)
     storage = get_storage(settings)
     limit = time_limit(job_id, settings)
@@ -188,14 +208,22 @@ def run_job(job_id: str, *, worker_name: str, settings: Settings) -> str:
         # import of torch in a cold worker (seconds, more on a busy CPU) as much as storing
         # the artifacts and the finish.
         with Heartbeat(fence):
-            from grait.pipeline import RunDirConflict, run_pipeline, stages_for
+            from grait.pipeline import RunDirConflict, adopt_run_dir, run_pipeline, stages_for
+            from worker.checkpoints import CheckpointUploader, fan_out
 
-            run_dir = attempt_run_dir(settings.runs_dir, job_id, attempt)
+            shared = storage if settings.checkpoints_in_storage else None
+            run_dir, from_store = attempt_run_dir(
+                settings.runs_dir, job_id, attempt, storage=shared
+            )
             config = load_config(job_id, settings=settings, storage=storage)
+            if from_store:  # another machine's stages of this job: its dataset paths differ
+                adopt_run_dir(run_dir, config)
             stages = tuple(
                 s for s in stages_for(config.method) if s != "evaluation" or config.evals
             )
-            reporter = ProgressReporter(fence, stages)
+            reporter: Any = ProgressReporter(fence, stages)
+            if shared is not None:
+                reporter = fan_out(reporter, CheckpointUploader(job_id, run_dir, shared, fence))
             plan_on = settings.compute_class
             try:
                 result = run_pipeline(
@@ -224,6 +252,10 @@ def run_job(job_id: str, *, worker_name: str, settings: Settings) -> str:
             log.warning("job %s attempt %s lost its claim before finishing", job_id, attempt)
             return "lost"
         _drop_other_attempts(job_id, attempt, settings=settings, storage=storage)
+        if settings.checkpoints_in_storage:
+            from worker.checkpoints import checkpoint_prefix
+
+            storage.delete_prefix(checkpoint_prefix(job_id))
         return "succeeded"
     except Cancelled:
         if fence.lost.is_set():

@@ -13,6 +13,8 @@ import logging
 import threading
 from datetime import datetime, timedelta
 
+from sqlalchemy import select
+
 from app.db import short_session
 from app.jobs.lifecycle import (
     JobStatus,
@@ -21,6 +23,7 @@ from app.jobs.lifecycle import (
     requeue_or_fail,
     unpublished_jobs,
 )
+from app.models import Job
 from app.queue import broker_lost_messages, publish_job
 from app.settings import Settings
 
@@ -66,8 +69,13 @@ def sweep(
             "the broker lost its queue (restarted empty); republishing %d queued job(s)",
             len(unpublished),
         )
+    queues: dict[str, str | None] = {}
+    if unpublished:  # each to its own queue (its class's workers), whoever sweeps
+        with short_session(settings) as session:
+            rows = session.execute(select(Job.id, Job.queue).where(Job.id.in_(unpublished)))
+            queues = {job_id: queue for job_id, queue in rows}
     for job_id in unpublished:
-        if publish_job(job_id, settings):
+        if publish_job(job_id, settings, queues.get(job_id)):
             with short_session(settings) as session:
                 mark_published(session, job_id)
             outcome["republished"].append(job_id)

@@ -21,7 +21,8 @@ router = APIRouter(
 @router.get("")
 def list_compute_classes(settings: SettingsDep) -> dict[str, Any]:
     """Each class's limits and whether its efficiencies were measured (`calibration`);
-    `deployed` marks the class this deployment's workers run on (GRAIT_COMPUTE_CLASS)."""
+    `offered`: this deployment has workers for it (a job may name it); `deployed`: the class
+    of a job that names none (GRAIT_COMPUTE_CLASS)."""
     data = []
     for name in compute_classes():
         cls = load_compute_class(name)
@@ -35,6 +36,7 @@ def list_compute_classes(settings: SettingsDep) -> dict[str, Any]:
                 "bandwidth_bytes_per_second": cls.bandwidth,
                 "peak_flops": cls.peak_flops,
                 "calibration": cls.calibration,
+                "offered": name in settings.offered_classes,
                 "deployed": name == settings.compute_class,
             }
         )

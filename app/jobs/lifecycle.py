@@ -191,6 +191,73 @@ def claim(job_id: str, *, worker_name: str, settings: Settings) -> int | None:
         return attempt
 
 
+FAIR_CANDIDATES = 200  # queued jobs looked at per claim: the oldest of each tenant suffice
+
+
+def fair_order(session: Session, queue: str) -> list[str]:
+    """Queued jobs of one queue (a compute class of a deployment) in the order they should
+    start: tenants take turns.
+
+    The tenant with the fewest running jobs goes first; among equals, the one whose last job
+    started longest ago (never: first); within a tenant, oldest first. So a tenant with 100
+    queued jobs gets one start, then every other waiting tenant gets one, and so on.
+    """
+    # Rows from before queues were recorded have none: any worker may take them.
+    of_class = or_(Job.queue == queue, Job.queue.is_(None))
+    queued = session.execute(
+        select(Job.id, Job.tenant_id)
+        .where(Job.status == JobStatus.QUEUED, of_class)
+        .order_by(Job.created_at, Job.id)
+        .limit(FAIR_CANDIDATES)
+    ).all()
+    if not queued:
+        return []
+    tenants = {tenant for _, tenant in queued}
+    running = dict(
+        session.execute(
+            select(Job.tenant_id, func.count())
+            .where(Job.status == JobStatus.RUNNING, Job.tenant_id.in_(tenants))
+            .group_by(Job.tenant_id)
+        ).all()
+    )
+    last_start = dict(
+        session.execute(
+            select(Job.tenant_id, func.max(Job.started_at))
+            .where(Job.tenant_id.in_(tenants), Job.started_at.is_not(None))
+            .group_by(Job.tenant_id)
+        ).all()
+    )
+    never = datetime.min.replace(tzinfo=UTC)
+    turn: dict[str, int] = {}
+    ranked = []
+    for position, (job_id, tenant) in enumerate(queued):
+        nth = turn[tenant] = turn.get(tenant, -1) + 1  # this tenant's nth queued job
+        started = last_start.get(tenant) or never
+        if started.tzinfo is None:
+            started = started.replace(tzinfo=UTC)
+        ranked.append((nth + running.get(tenant, 0), started, position, job_id))
+    return [job_id for *_, job_id in sorted(ranked)]
+
+
+def claim_next(hint: str, *, worker_name: str, settings: Settings) -> tuple[str, int] | None:
+    """Claim the queued job whose turn it is for this worker's class: (job id, attempt).
+
+    A queue message is a turn, not an assignment (`hint` is the job it was sent for, taken
+    when it is next in line). Every queued job has sent one message, so each message that
+    starts a job leaves one for every job still waiting; a message that finds nothing queued
+    is a duplicate and does nothing.
+    """
+    with short_session(settings) as session:
+        order = fair_order(session, settings.worker_queue)
+    if order and order[0] != hint:
+        log.info("message for job %s: job %s is next in line", hint, order[0])
+    for job_id in order:
+        attempt = claim(job_id, worker_name=worker_name, settings=settings)
+        if attempt is not None:
+            return job_id, attempt
+    return None
+
+
 class Fenced:
     """The claim of one attempt on a job: which job, which attempt, and its lease.
 

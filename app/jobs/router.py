@@ -7,7 +7,8 @@ from fastapi.responses import FileResponse, StreamingResponse
 
 from app.db import in_request_session
 from app.deps import REQUIRE_KEY, PrincipalDep, SessionDep, SettingsDep, StorageDep
-from app.errors import ERROR_RESPONSES
+from app.downloads import DOWNLOAD_RESPONSES, stored_file_response
+from app.errors import ERROR_RESPONSES, not_found
 from app.idempotency import REPLAYED_HEADER, Idempotency, IdempotencyKeyHeader
 from app.jobs import service
 from app.jobs.schemas import (
@@ -21,6 +22,7 @@ from app.jobs.schemas import (
 )
 from app.jobs.stream import event_stream
 from app.pagination import AfterQuery, LimitQuery, ListPage, page_of
+from app.storage import ObjectNotFound
 
 router = APIRouter(
     prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES, dependencies=[REQUIRE_KEY]
@@ -159,17 +161,24 @@ def list_artifacts(job_id: str, principal: PrincipalDep, session: SessionDep) ->
     return page_of(rows, limit=len(rows) or 1, to_schema=ArtifactObject.of)
 
 
-@router.get("/{job_id}/artifacts/{artifact_id}/content", response_class=FileResponse)
+@router.get(
+    "/{job_id}/artifacts/{artifact_id}/content",
+    response_class=FileResponse,
+    responses=DOWNLOAD_RESPONSES,
+)
 def download_artifact(
     job_id: str,
     artifact_id: str,
     principal: PrincipalDep,
     session: SessionDep,
     storage: StorageDep,
-) -> FileResponse:
+) -> Response:
     row = service.get_artifact(
         session=session, tenant_id=principal.tenant_id, job_id=job_id, artifact_id=artifact_id
     )
-    return FileResponse(
-        storage.local_path(row.storage_key), media_type=row.content_type, filename=row.filename
-    )
+    try:
+        return stored_file_response(
+            storage, key=row.storage_key, filename=row.filename, media_type=row.content_type
+        )
+    except ObjectNotFound:
+        raise not_found("artifact", artifact_id) from None

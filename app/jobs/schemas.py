@@ -122,17 +122,17 @@ class JobCreate(BaseModel):
         description="Wall-clock limit of one attempt, at most the server's "
         "GRAIT_MAX_JOB_SECONDS (the default). Over it the job fails with time_limit_exceeded.",
     )
-
-
-class PlanRequest(JobCreate):
-    """A job spec to plan, plus the hardware to plan it on."""
-
     compute_class: str | None = Field(
         None,
         max_length=64,
-        description="Worker class to plan on (GET /v1/compute_classes); null = this "
-        "deployment's (GRAIT_COMPUTE_CLASS).",
+        description="Which workers run it (GET /v1/compute_classes, those `offered`); null = "
+        "this deployment's default class. Planned against that class at submit.",
     )
+
+
+class PlanRequest(JobCreate):
+    """A job spec to plan, plus the hardware to plan it on (any known class, offered or not)."""
+
     known_share: float = Field(
         0.5,
         ge=0.0,
@@ -213,6 +213,7 @@ class JobObject(BaseModel):
         default_factory=list,
         description="The job ran but its result needs a look (e.g. the refusal was not learned).",
     )
+    compute_class: str | None = Field(description="The class of workers that run it.")
     plan: PlanObject | None = Field(
         None, description="Predicted time and peak memory per stage at submit, when plannable."
     )
@@ -246,6 +247,7 @@ class JobObject(BaseModel):
             if job.error_code
             else None,
             warnings=[JobWarning(**w) for w in job.warnings or []],
+            compute_class=job.compute_class,
             plan=PlanObject.of(job.plan) if job.plan else None,
             attempts=job.attempts,
             created_at=_ts(job.created_at),  # type: ignore[arg-type]

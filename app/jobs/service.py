@@ -22,9 +22,10 @@ from app.jobs.schemas import EVENT_PREFIX, DatasetRef, JobCreate, PlanRequest
 from app.models import Artifact, Dataset, Job, JobDataset, JobEvent, Tenant, new_id
 from app.queue import publish_job
 from app.settings import Settings
-from app.storage import Storage
+from app.storage import ObjectNotFound, Storage
 from app.webhooks.service import check_webhook_url
 from grait.config import JobConfig
+from grait.data import DataError
 from grait.planning import Plan, PlanError, compute_classes, load_compute_class, plan_config
 from grait.registry import KNOWN_MODELS
 
@@ -65,6 +66,20 @@ def _event(
     return JobEvent(job_id=job_id, type=type, level=level, stage=stage, message=message, data=data)
 
 
+def _dataset_file(storage: Storage, dataset: Dataset, *, param: str) -> str:
+    """This machine's copy of the dataset, which the config check and the planner read (an
+    object store downloads it once into the local cache)."""
+    try:
+        return str(storage.fetch(dataset.storage_key))
+    except ObjectNotFound:
+        raise APIError(
+            422,
+            "dataset_not_found",
+            f"Dataset {dataset.id!r} has lost its stored file; upload it again.",
+            param=param,
+        ) from None
+
+
 def _validated(
     *, session: Session, storage: Storage, settings: Settings, tenant_id: str, request: JobCreate
 ) -> tuple[list[tuple[str, DatasetRef]], dict[str, Dataset], JobConfig]:
@@ -99,11 +114,11 @@ def _validated(
     hyper = request.hyperparameters.model_dump(mode="json")
     specs = [
         (
-            str(storage.local_path(found[ref.id].storage_key)),
+            _dataset_file(storage, found[ref.id], param=param),
             found[ref.id].format,
             _options(ref, found[ref.id]),
         )
-        for _, ref in refs
+        for param, ref in refs
     ]
     try:
         config = build_job_config(
@@ -125,6 +140,8 @@ def _plan(config: JobConfig, compute_class: str, known_share: float = 0.5) -> Pl
         return plan_config(config, compute_class, known_share=known_share)
     except PlanError as exc:
         raise APIError(422, "cannot_plan", str(exc), param="base_model") from None
+    except DataError as exc:  # validated at upload; a file changed since cannot be read now
+        raise APIError(422, "invalid_dataset", str(exc), param="train_dataset") from None
 
 
 def _refuse_if_too_big(plan: Plan) -> None:
@@ -183,11 +200,20 @@ def create_job(
         session=session, storage=storage, settings=settings, tenant_id=tenant_id, request=request
     )
     hyper = request.hyperparameters.model_dump(mode="json")
+    compute_class = request.compute_class or settings.compute_class
+    if compute_class not in settings.offered_classes:
+        raise APIError(
+            422,
+            "compute_class_unavailable",
+            f"compute_class: no workers of class {compute_class!r} here; this deployment offers "
+            f"{', '.join(settings.offered_classes)} (GET /v1/compute_classes).",
+            param="compute_class",
+        )
     # Plan against the workers' class: a job that cannot fit is refused before it queues. A
     # model whose shape is not readable here (a hub id, an alias not yet prepared) goes unplanned.
     try:
-        plan: Plan | None = plan_config(config, settings.compute_class)
-    except PlanError:
+        plan: Plan | None = plan_config(config, compute_class)
+    except (PlanError, DataError):  # the worker reports a bad file with its line, as before
         plan = None
     if plan is not None:
         _refuse_if_too_big(plan)
@@ -204,6 +230,8 @@ def create_job(
         suffix=request.suffix,
         hyperparameters=hyper,
         plan=plan.to_json() if plan else None,
+        compute_class=compute_class,
+        queue=settings.queue_for(compute_class),
         user_metadata=request.metadata,
         percent=0.0,
         cancel_requested=False,
@@ -302,7 +330,7 @@ def submit_job(
             request=request,
             idempotency=idempotency,
         )
-        if publish_job(job.id, settings):
+        if publish_job(job.id, settings, job.queue):
             mark_published(session=session, job_id=job.id)
         session.expire_all()
         return get_job(session=session, tenant_id=tenant_id, job_id=job.id)

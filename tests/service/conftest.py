@@ -118,6 +118,10 @@ def service_env(
         "GRAIT_DATABASE_URL": postgres_url,
         "GRAIT_BROKER_URL": redis_url,
         "GRAIT_QUEUE": f"gpu-{token}",
+        # The session's worker serves `cpu`; `gpu-l4-24g` is offered too, so a test can queue
+        # jobs for a class whose worker it starts itself (test_fair_turns.py).
+        "GRAIT_COMPUTE_CLASS": "cpu",
+        "GRAIT_COMPUTE_CLASSES": '["cpu", "gpu-l4-24g"]',
         "GRAIT_BROKER_KEY_PREFIX": prefix,
         "GRAIT_STORAGE_DIR": str(var / "storage"),
         "GRAIT_RUNS_DIR": str(var / "runs"),
@@ -350,7 +354,7 @@ class Worker:
             "--pool",
             "solo",
             "-Q",
-            env["GRAIT_QUEUE"],
+            f"{env['GRAIT_QUEUE']}.{env.get('GRAIT_COMPUTE_CLASS', 'cpu')}",
             "-n",
             name or self.NAME,
             "--without-gossip",

@@ -47,7 +47,7 @@ def test_metrics_expose_latency_jobs_by_status_and_queue_depth(
     assert "grait_http_request_duration_seconds_bucket{" in text
     assert 'route="/v1/datasets"' in text
     assert 'grait_jobs{status="queued"}' in text
-    assert f'grait_queue_depth{{queue="{service_env["GRAIT_QUEUE"]}"}}' in text
+    assert f'grait_queue_depth{{queue="{service_env["GRAIT_QUEUE"]}.cpu"}}' in text
 
 
 def test_models_lists_the_packaged_default(client: httpx.Client) -> None:

@@ -276,7 +276,7 @@ def test_a_job_whose_message_was_lost_after_delivery_still_runs(
         "/v1/jobs", json=tiny_job(tiny_model, datasets, method="van", eval_datasets=[])
     ).json()
     broker = redis.Redis.from_url(service_env["GRAIT_BROKER_URL"])
-    queue = service_env["GRAIT_BROKER_KEY_PREFIX"] + service_env["GRAIT_QUEUE"]
+    queue = service_env["GRAIT_BROKER_KEY_PREFIX"] + service_env["GRAIT_QUEUE"] + ".cpu"
     assert broker.llen(queue) >= 1
     broker.delete(queue)  # gone, as a delivered-but-unclaimed message is
     settings = settings_for(service_env)
