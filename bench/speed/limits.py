@@ -98,6 +98,12 @@ def _measured(run_dir: Path) -> dict[str, dict[str, float]]:
     }
 
 
+def known_share(run_dir: Path) -> float:
+    """The share of training questions Stage 1 found known in a finished run."""
+    split = json.loads((run_dir / "knowledge_query" / "split.json").read_text())
+    return len(split["ik_all"]) / max(1, len(split["ik_all"]) + len(split["idk_all"]))
+
+
 def _fit(
     predict: Callable[[float], float], measured: float, lo: float = 1e-4, hi: float = 1.0
 ) -> float | None:
@@ -115,9 +121,14 @@ def _fit(
 
 
 def calibrate(
-    cls: ComputeClass, config: JobConfig, measured: dict[str, dict[str, float]]
+    cls: ComputeClass,
+    config: JobConfig,
+    measured: dict[str, dict[str, float]],
+    *,
+    share: float,
 ) -> ComputeClass:
-    """Fit each stage kind's efficiency so the plan reproduces the measured seconds."""
+    """Fit each stage kind's efficiency so the plan reproduces the measured seconds, planned
+    with the known share Stage 1 really found (so the split is not part of the fit)."""
     inputs = job_inputs(config)
     for stage, kind in STAGE_EFFICIENCY.items():
         if stage not in measured:
@@ -127,7 +138,8 @@ def calibrate(
             eff: float, kind: str = kind, stage: str = stage, current: ComputeClass = cls
         ) -> float:
             trial = replace(current, efficiency=replace(current.efficiency, **{kind: eff}))
-            return plan_config(config, trial, inputs=inputs).stage(stage).seconds
+            plan = plan_config(config, trial, inputs=inputs, known_share=share)
+            return plan.stage(stage).seconds
 
         fitted = _fit(predict, measured[stage]["seconds"])
         if fitted is not None:
@@ -186,7 +198,7 @@ def run_limits(
     peak = peak_matmul_flops(
         runtime.device, runtime.dtype, size=8192 if on_gpu else 2048, repeats=10 if on_gpu else 5
     )
-    bandwidth = copy_bandwidth(runtime.device, mib=1024 if on_gpu else 128, repeats=10)
+    bandwidth = copy_bandwidth(runtime.device, mib=1024, repeats=10 if on_gpu else 5)
     log(
         f"limits: peak {peak / 1e9:.1f} GFLOP/s ({dtype}), copy bandwidth {bandwidth / 1e9:.1f} GB/s"
     )
@@ -196,15 +208,17 @@ def run_limits(
         bandwidth=bandwidth,
         runtime_bytes=float(baseline) if not on_gpu else cls.runtime_bytes,
     )
-    fitted = calibrate(measured_cls, config, measured)
+    share = known_share(work / "calibrate")
+    fitted = calibrate(measured_cls, config, measured, share=share)
     results["measured_peak_flops"] = peak
     results["measured_bandwidth"] = bandwidth
     results["spec_peak_flops"] = cls.peak_flops.get(dtype)
     results["efficiency"] = fitted.efficiency.__dict__
     results["calibration_job"] = {
         "questions": calibrate_train,
+        "known_share": share,
         "measured": measured,
-        "ratios": limit_ratios(plan_config(config, fitted), measured, fitted),
+        "ratios": limit_ratios(plan_config(config, fitted, known_share=share), measured, fitted),
     }
 
     log(f"limits: validation job ({validate_train} questions), predicted before it runs")
@@ -212,9 +226,12 @@ def run_limits(
     predicted = plan_config(check, fitted)
     run_pipeline(check, work / "validate")
     got = _measured(work / "validate")
+    actual = known_share(work / "validate")
     results["validation_job"] = {
         "questions": validate_train,
-        "predicted": predicted.to_json(),
+        "predicted": predicted.to_json(),  # before the run: half the questions assumed known
+        "known_share": actual,
+        "predicted_knowing_split": plan_config(check, fitted, known_share=actual).to_json(),
         "measured": got,
     }
     if write_calibration:

@@ -67,7 +67,11 @@ class JobInputs:
 def job_inputs(config: JobConfig) -> JobInputs:
     """Read once, plan many times (the calibration's search, several classes)."""
     folder = model_dir(config.base_model)
-    counter = TokenCounter.for_model_dir(folder)
+    try:
+        arch = Architecture.from_dir(folder)
+        counter = TokenCounter.for_model_dir(folder)
+    except (ValueError, OSError) as exc:  # an unreadable config.json or tokenizer.json
+        raise PlanError(f"cannot read base model {config.base_model!r}: {exc}") from exc
 
     def tokens(spec: DatasetSpec) -> DatasetTokens:
         records = take(
@@ -80,7 +84,7 @@ def job_inputs(config: JobConfig) -> JobInputs:
         return count_tokens(records, counter, refusal=config.refusal)
 
     evals = [(spec.label, tokens(spec)) for spec in config.evals]
-    return JobInputs(Architecture.from_dir(folder), tokens(config.train), evals)
+    return JobInputs(arch, tokens(config.train), evals)
 
 
 def plan_config(

@@ -18,7 +18,7 @@ from grait.config import JobConfig
 from grait.methods import method_spec
 from grait.planning.architecture import Architecture
 from grait.planning.hardware import ComputeClass
-from grait.planning.workload import DatasetTokens, padded_batches
+from grait.planning.workload import DatasetTokens, padded_batches, random_batches
 from grait.schedule import auto_epochs, steps_per_epoch
 
 DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
@@ -160,7 +160,7 @@ def _train_like(
     a = costs.arch
     if not lengths:
         return StagePlan(stage, 0, 0.0, 0.0, costs.base_memory, "overhead", detail)
-    batches = padded_batches([p + t for p, t in lengths], batch_size)
+    batches = random_batches([p + t for p, t in lengths], batch_size)  # the Trainer shuffles
     tokens_epoch = sum(r * w for r, w in batches)
     answers_epoch = sum(t for _, t in lengths)
     if steps is not None:  # max_steps: as many batches as steps, cycling the epoch
@@ -187,10 +187,11 @@ def _train_like(
 def _forward(
     costs: _Costs, rows: Sequence[tuple[int, int]], batch_size: int
 ) -> tuple[float, float, float]:
-    """(tokens, flops, seconds) of one teacher-forced pass with logits on the targets only."""
+    """(tokens, flops, seconds) of one teacher-forced pass with logits on the targets only
+    (in the rows' own order, as the fit check takes them)."""
     if not rows:
         return 0.0, 0.0, 0.0
-    batches = padded_batches([p + t for p, t in rows], batch_size)
+    batches = random_batches([p + t for p, t in rows], batch_size)
     tokens = sum(r * w for r, w in batches)
     mean = tokens / len(rows)
     flops = costs.arch.forward_flops(tokens, mean / 2, logit_tokens=sum(t for _, t in rows))

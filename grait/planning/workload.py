@@ -124,6 +124,28 @@ def count_tokens(
     )
 
 
+def random_batches(lengths: Sequence[int], batch_size: int) -> list[tuple[int, int]]:
+    """(rows, expected padded length) of each batch when rows are shuffled, as training does.
+
+    A batch is padded to its longest row: with k rows drawn at random from n, the longest is
+    at most the i-th shortest with probability C(i, k) / C(n, k), which gives its expectation.
+    """
+    ordered = sorted(lengths)
+    n = len(ordered)
+    if n == 0:
+        return []
+    out = []
+    for start in range(0, n, batch_size):
+        k = min(batch_size, n - start)
+        below, expected = 0.0, 0.0
+        for i, length in enumerate(ordered, start=1):
+            at_most = math.comb(i, k) / math.comb(n, k)
+            expected += (at_most - below) * length
+            below = at_most
+        out.append((k, math.ceil(expected)))
+    return out
+
+
 def padded_batches(lengths: Sequence[int], batch_size: int) -> list[tuple[int, int]]:
     """(rows, padded length) of each batch when rows are sorted by length, as the stages do."""
     ordered = sorted(lengths)
