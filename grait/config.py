@@ -211,6 +211,12 @@ class FeaturesConfig(_Strict):
     )
     batch_size: int = Field(16, ge=1, le=4096)
     adam_eps: float = Field(1e-8, gt=0.0)
+    target_tokens: Literal["all", "first"] = Field(
+        "all",
+        description="Which target tokens the per-sample loss covers: `first` = only the "
+        "refusal's (or answer's) first token, where a question decides whether to refuse "
+        "(quality-study.md); `all` = the whole target, as the paper.",
+    )
 
 
 class SelectionConfig(_Strict):

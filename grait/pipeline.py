@@ -59,7 +59,7 @@ from grait.memory import peak_memory, reset_peak_memory
 from grait.methods import method_spec
 from grait.models import count_parameters, load_base_model, pick_runtime
 from grait.operating_point import OperatingPoint, find_operating_point, write_operating_point
-from grait.prompts import encode_training_pair
+from grait.prompts import encode_training_pair, first_target_token
 from grait.ranking import Features, rank_candidates, refusal_weights
 from grait.refusal_score import probe_refusals
 from grait.report import OPERATING_POINT_PLOT, write_report
@@ -117,7 +117,8 @@ def config_hash(config: JobConfig) -> str:
     `n_idk` is `auto`, `craft` for the craft methods, `selection.neighbours`/`tilt` for the
     neighbourhood strategy, `training.auto` when `epochs` is `auto`, `training.fit_check`
     when it differs from its defaults (it changes warnings, never the adapter), `loading`
-    when it is not the plain default, `token_budget` (knowledge, evaluation) when set.
+    when it is not the plain default, `token_budget` (knowledge, evaluation) when set,
+    `features.target_tokens` when not `all`.
     """
     if config.training.max_steps is not None and config.training.epochs == "auto":
         # Fixed steps make epochs moot: hash as the number that was the default before
@@ -136,6 +137,8 @@ def config_hash(config: JobConfig) -> str:
         exclude["evaluation"] = {"token_budget"}
     if config.loading == LoadingConfig():
         exclude["loading"] = True
+    if config.features.target_tokens == "all":
+        exclude["features"] = {"target_tokens"}
     if not config.method.startswith("craft"):
         exclude["craft"] = True
     if config.selection.strategy != "neighbourhood":
@@ -504,6 +507,9 @@ def _stage_features(run: _Run, out: Path) -> dict[str, Any]:
     kept = split["ik_kept"]
     idk_items = [run.encode(r, cfg.refusal) for r in run.train]
     van_items = [run.encode(run.train[i], run.train[i].answer_text) for i in kept]
+    if cfg.features.target_tokens == "first":  # the gradient of the decision, not the wording
+        idk_items = [first_target_token(e) for e in idk_items]
+        van_items = [first_target_token(e) for e in van_items]
     total = len(idk_items) + len(van_items)
     tick = run.ticker("gradient_features", total)
     with attached_lora(

@@ -90,6 +90,11 @@ class Batch:
         )
 
 
+def first_target_token(item: Encoded) -> Encoded:
+    """The same example with only its target's first token: a loss on that token alone."""
+    return Encoded(item.ids[: item.n_prompt + 1], item.n_prompt)
+
+
 def collate(items: Sequence[Encoded], pad_id: int) -> Batch:
     """Right-pad a batch; masks come from lengths, never from `ids != pad_id`.
 

@@ -261,3 +261,32 @@ def test_fixed_steps_train_the_same_number_of_steps_at_any_set_size(
         done = [e for e in events if e.kind == "progress" and e.stage == "training"]
         steps[method] = (done[-1].done, done[-1].total)
     assert steps == {"rtuning": (3, 3), "van": (3, 3)}
+
+
+def test_first_token_features_differ_from_whole_target_ones_and_stay_unit_norm(
+    tiny_model_dir, shared_data, tmp_path
+):
+    """`features.target_tokens: first` takes each refusal's gradient at its first token only."""
+    import numpy as np
+
+    from grait.pipeline import config_hash
+    from grait.prompts import Encoded, first_target_token
+
+    assert first_target_token(Encoded([1, 2, 3, 4, 5], 2)) == Encoded([1, 2, 3], 2)
+    whole = _config(tiny_model_dir, shared_data)
+    first = _config(
+        tiny_model_dir,
+        shared_data,
+        features={**tiny_hyperparameters()["features"], "target_tokens": "first"},
+    )
+    assert config_hash(first) != config_hash(whole)
+    feats = {}
+    for name, cfg in (("all", whole), ("first", first)):
+        run_pipeline(cfg, tmp_path / name, until="gradient_features")
+        feats[name] = np.load(tmp_path / name / "gradient_features" / "idk_raw.npy").astype(
+            np.float32
+        )
+    norms = np.linalg.norm(feats["first"], axis=1)
+    assert np.allclose(norms, 1.0, atol=2e-2)
+    cosines = (feats["all"] * feats["first"]).sum(axis=1)
+    assert cosines.mean() < 0.999  # a different loss, so different gradients
