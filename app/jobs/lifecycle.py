@@ -191,28 +191,24 @@ def claim(job_id: str, *, worker_name: str, settings: Settings) -> int | None:
         return attempt
 
 
-FAIR_CANDIDATES = 200  # queued jobs looked at per claim: the oldest of each tenant suffice
-
-
 def fair_order(session: Session, queue: str) -> list[str]:
-    """Queued jobs of one queue (a compute class of a deployment) in the order they should
-    start: tenants take turns.
+    """The head (oldest queued job) of each tenant waiting on one queue, in turn order.
 
     The tenant with the fewest running jobs goes first; among equals, the one whose last job
-    started longest ago (never: first); within a tenant, oldest first. So a tenant with 100
-    queued jobs gets one start, then every other waiting tenant gets one, and so on.
+    started longest ago (never: first); then the one waiting longest. So a tenant with 100
+    queued jobs gets one start, then every other waiting tenant gets one, and so on. One job
+    per tenant suffices: each claim starts one job, and the next claim looks again.
     """
     # Rows from before queues were recorded have none: any worker may take them.
-    of_class = or_(Job.queue == queue, Job.queue.is_(None))
-    queued = session.execute(
-        select(Job.id, Job.tenant_id)
-        .where(Job.status == JobStatus.QUEUED, of_class)
-        .order_by(Job.created_at, Job.id)
-        .limit(FAIR_CANDIDATES)
-    ).all()
-    if not queued:
+    waiting = (Job.status == JobStatus.QUEUED) & or_(Job.queue == queue, Job.queue.is_(None))
+    oldest = dict(
+        session.execute(
+            select(Job.tenant_id, func.min(Job.created_at)).where(waiting).group_by(Job.tenant_id)
+        ).all()
+    )
+    if not oldest:
         return []
-    tenants = {tenant for _, tenant in queued}
+    tenants = list(oldest)
     running = dict(
         session.execute(
             select(Job.tenant_id, func.count())
@@ -228,15 +224,25 @@ def fair_order(session: Session, queue: str) -> list[str]:
         ).all()
     )
     never = datetime.min.replace(tzinfo=UTC)
-    turn: dict[str, int] = {}
-    ranked = []
-    for position, (job_id, tenant) in enumerate(queued):
-        nth = turn[tenant] = turn.get(tenant, -1) + 1  # this tenant's nth queued job
-        started = last_start.get(tenant) or never
-        if started.tzinfo is None:
-            started = started.replace(tzinfo=UTC)
-        ranked.append((nth + running.get(tenant, 0), started, position, job_id))
-    return [job_id for *_, job_id in sorted(ranked)]
+
+    def aware(at: datetime | None) -> datetime:
+        return never if at is None else at if at.tzinfo else at.replace(tzinfo=UTC)
+
+    turns = sorted(
+        tenants,
+        key=lambda t: (running.get(t, 0), aware(last_start.get(t)), aware(oldest[t]), t),
+    )
+    heads = []
+    for tenant in turns:
+        head = session.scalar(
+            select(Job.id)
+            .where(waiting, Job.tenant_id == tenant)
+            .order_by(Job.created_at, Job.id)
+            .limit(1)
+        )
+        if head is not None:
+            heads.append(head)
+    return heads
 
 
 def claim_next(hint: str, *, worker_name: str, settings: Settings) -> tuple[str, int] | None:

@@ -7,6 +7,7 @@ whatever else the session leaves queued for `cpu` cannot change their order.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,3 +95,54 @@ def test_a_job_waits_for_its_own_class_and_an_unoffered_class_is_refused(
     client.post(f"/v1/jobs/{waiting['id']}/cancel")
     offered = {c["id"] for c in client.get("/v1/compute_classes").json()["data"] if c["offered"]}
     assert offered == {"cpu", "gpu-l4-24g"}
+
+
+def test_a_tenant_behind_hundreds_of_older_jobs_is_next_in_line(
+    service_env: dict[str, str],
+) -> None:
+    """The order itself, on Postgres: 300 of A's jobs queued before B's one."""
+    from datetime import timedelta
+
+    from sqlalchemy.orm import Session
+
+    from app.db import make_engine
+    from app.jobs.lifecycle import JobStatus, fair_order
+    from app.models import Job, Tenant, new_id, utcnow
+
+    queue = f"order-{uuid.uuid4().hex[:8]}"
+    engine = make_engine(service_env["GRAIT_DATABASE_URL"], one_shot=True)
+    with Session(engine) as session:
+        tenants = []
+        for name in ("a", "b"):
+            tenant = Tenant(id=new_id("ten"), name=f"{queue}-{name}", webhook_secret="x")
+            session.add(tenant)
+            tenants.append(tenant.id)
+        session.flush()
+        start = utcnow()
+
+        def job(tenant: str, minutes: int) -> Job:
+            return Job(
+                id=new_id("job"),
+                tenant_id=tenant,
+                status=JobStatus.QUEUED,
+                method="van",
+                base_model="x",
+                seed=0,
+                hyperparameters={},
+                queue=queue,
+                created_at=start + timedelta(minutes=minutes),
+            )
+
+        a_jobs = [job(tenants[0], k) for k in range(300)]
+        b_job = job(tenants[1], 301)
+        session.add_all([*a_jobs, b_job])
+        session.flush()
+        first = fair_order(session, queue)
+        a_jobs[0].status, a_jobs[0].started_at = JobStatus.SUCCEEDED, start + timedelta(hours=6)
+        session.flush()
+        after_one = fair_order(session, queue)
+        session.rollback()  # leave nothing behind
+    engine.dispose()
+
+    assert first == [a_jobs[0].id, b_job.id]  # neither started yet: the longest waiting first
+    assert after_one[0] == b_job.id  # A just had a turn: B's only job goes next
