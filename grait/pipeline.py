@@ -63,12 +63,12 @@ from grait.prompts import encode_training_pair, first_target_token
 from grait.ranking import Features, rank_candidates, refusal_weights
 from grait.refusal_score import probe_refusals
 from grait.report import OPERATING_POINT_PLOT, write_report
+from grait.schedule import resolved_epochs
 from grait.scoring import Outcome
 from grait.training import (
     TrainSettings,
     WeightedExample,
     attached_lora,
-    auto_epochs,
     steps_per_epoch,
     train_weighted,
 )
@@ -724,21 +724,6 @@ def _training_set(run: _Run) -> list[tuple[int, str, str, float]]:
     kept = chosen.get("known_rows", split["ik_kept"])
     known = [(i, "ik", run.train[i].answer_text, 1.0) for i in kept]
     return known + [(i, "idk", cfg.refusal, w) for i, w in zip(chosen["rows"], chosen["weights"])]
-
-
-def resolved_epochs(cfg: JobConfig, n_examples: int) -> float:
-    """The job's epochs as a number: `auto` resolved from the training-set size."""
-    t = cfg.training
-    if t.epochs != "auto":
-        return float(t.epochs)
-    return auto_epochs(
-        n_examples,
-        t.batch_size,
-        t.gradient_accumulation_steps,
-        epochs=t.auto.epochs,
-        min_steps=t.auto.min_steps,
-        max_epochs=t.auto.max_epochs,
-    )
 
 
 def _train_settings(cfg: JobConfig, n_examples: int) -> TrainSettings:

@@ -7,6 +7,10 @@ count the same steps.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from grait.config import JobConfig
 
 
 def steps_per_epoch(n_examples: int, batch_size: int, accumulation: int = 1) -> int:
@@ -31,3 +35,18 @@ def auto_epochs(
     per_epoch = steps_per_epoch(n_examples, batch_size, accumulation)
     needed = math.ceil(min_steps / per_epoch)
     return float(min(max_epochs, max(epochs, needed)))
+
+
+def resolved_epochs(cfg: JobConfig, n_examples: int) -> float:
+    """The job's epochs as a number: `auto` resolved from the training-set size."""
+    t = cfg.training
+    if t.epochs != "auto":
+        return float(t.epochs)
+    return auto_epochs(
+        n_examples,
+        t.batch_size,
+        t.gradient_accumulation_steps,
+        epochs=t.auto.epochs,
+        min_steps=t.auto.min_steps,
+        max_epochs=t.auto.max_epochs,
+    )

@@ -59,23 +59,12 @@ from grait.models import (
 )
 from grait.pipeline import run_pipeline
 from grait.planning import PlanError, load_compute_class, plan_config
+from grait.planning.architecture import LLAMA3_8B
 
 RANDOM_WEIGHTS_NOTE = (
     "RANDOM weights with the architecture below: seconds, tokens and memory are real; "
     "quality numbers (correct/wrong/refused, THS) mean nothing."
 )
-LLAMA3_8B: dict[str, Any] = {
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "rope_theta": 500000.0,
-    "max_position_embeddings": 8192,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": False,
-}
 TINY: dict[str, Any] = {
     **LLAMA3_8B,
     "hidden_size": 64,

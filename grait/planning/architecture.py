@@ -13,16 +13,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Every linear layer of a Llama-style block, by the name LoRA targets use.
-BLOCK_LINEARS: tuple[str, ...] = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
+from grait.config import ALL_LINEAR as BLOCK_LINEARS  # a block's linears, by LoRA target name
+
+# Llama-3-8B's shape (the paper's larger model): the GPU script builds it with random weights,
+# and the tests plan it.
+LLAMA3_8B: dict[str, Any] = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from grait.methods import method_spec
 from grait.planning.architecture import Architecture
 from grait.planning.hardware import ComputeClass
 from grait.planning.workload import DatasetTokens, padded_batches, random_batches
-from grait.schedule import auto_epochs, steps_per_epoch
+from grait.schedule import resolved_epochs, steps_per_epoch
 
 DTYPE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0}
 # bitsandbytes: 4-bit NF4 = 0.5 B + an fp32 scale per 64 weights (double quantisation stores
@@ -450,18 +450,7 @@ def plan_job(
         (p, train.refusal) for p in train.rait_prompt[:n_refusals]
     ]
     examples = len(training_rows)
-    epochs = (
-        float(t.epochs)
-        if t.epochs != "auto"
-        else auto_epochs(
-            examples,
-            t.batch_size,
-            t.gradient_accumulation_steps,
-            epochs=t.auto.epochs,
-            min_steps=t.auto.min_steps,
-            max_epochs=t.auto.max_epochs,
-        )
-    )
+    epochs = resolved_epochs(config, examples)
     train_kwargs = {  # micro-batches: what one forward holds and what the calls count
         "batch_size": t.batch_size,
         "epochs": epochs,

@@ -23,19 +23,10 @@ from grait.planning import (
     plan_config,
     plan_job,
 )
+from grait.planning.architecture import LLAMA3_8B
 from grait.planning.hardware import apply_calibration
 from grait.prompts import encode_training_pair, question_message, render_prompt
 from grait.training import lora_config
-
-LLAMA3_8B = {
-    "hidden_size": 4096,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "intermediate_size": 14336,
-    "vocab_size": 128256,
-    "tie_word_embeddings": False,
-}
 
 
 def _config(model: Path | str, data: Path, limit: int = 32, **over) -> JobConfig:

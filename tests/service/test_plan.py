@@ -14,20 +14,10 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import Worker, tiny_job
+from grait.config import ALL_LINEAR
+from grait.planning.architecture import LLAMA3_8B
 
-LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "intermediate_size": 14336,
-    "vocab_size": 128256,
-    "tie_word_embeddings": False,
-}
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from .conftest import Worker, tiny_job
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +38,7 @@ def _big_job(model: Path, datasets: dict[str, str], **loading: Any) -> dict[str,
         "eval_datasets": [{"id": datasets["arc"], "limit": 6}],
         "hyperparameters": {
             "loading": loading,
-            "lora": {"r": 64, "alpha": 128, "target_modules": ALL_LINEAR},
+            "lora": {"r": 64, "alpha": 128, "target_modules": list(ALL_LINEAR)},
             "training": {"batch_size": 16, "max_length": 512},
         },
     }
