@@ -6,15 +6,10 @@ import importlib.util
 import json
 from pathlib import Path
 
+from grait.methods import method_spec
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_8b.py"
-GRAIT_STAGES = (
-    "knowledge_query",
-    "warmup",
-    "gradient_features",
-    "selection",
-    "training",
-    "evaluation",
-)
+GRAIT_STAGES = method_spec("grait").stages  # what the script runs: every stage
 
 
 def _load_script():
