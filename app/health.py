@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -36,6 +37,21 @@ def _redis_client(settings: Settings) -> Any:
     import redis
 
     return redis.Redis.from_url(settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
+
+
+def check_storage(settings: Settings) -> None:
+    """The store answers: a HEAD for a key that need not exist (an object store), or the
+    storage folder (or, before the first upload, the folder it will be made in) is writable."""
+    from app.storage import get_storage
+
+    if settings.storage_backend == "local":
+        folder = settings.storage_dir.resolve()
+        while not folder.exists():
+            folder = folder.parent
+        if not os.access(folder, os.W_OK):
+            raise RuntimeError(f"storage folder {settings.storage_dir} is not writable")
+        return
+    get_storage(settings).exists("readyz-probe")  # 404 is an answer; an error raises
 
 
 def check_broker(settings: Settings) -> None:
@@ -90,7 +106,8 @@ def metrics_token_ok(request: Request, settings: Settings) -> bool:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """Database and broker reachable (and the embedded worker alive); 503 naming what is not.
+    """Database, broker and storage reachable (and the embedded worker alive); 503 naming
+    what is not.
 
     Anyone may ask; why a check failed (driver text, hosts, ports) is only told to a caller
     with the metrics token, and always logged.
@@ -98,7 +115,11 @@ async def readyz(request: Request) -> JSONResponse:
     settings = get_settings()
     checks: dict[str, str] = {}
     details: dict[str, str] = {}
-    for name, check in (("database", check_database), ("broker", check_broker)):
+    for name, check in (
+        ("database", check_database),
+        ("broker", check_broker),
+        ("storage", check_storage),
+    ):
         try:
             if name == "database":
                 async with request_gate():

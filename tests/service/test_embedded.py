@@ -49,7 +49,12 @@ def test_embedded_mode_serves_a_job_with_sqlite_and_no_servers(
         assert httpx.get(base + "/v1/jobs").status_code == 401
         with httpx.Client(base_url=base, timeout=30, headers=bearer(key)) as client:
             ready = client.get("/readyz").json()
-            assert ready["checks"] == {"database": "ok", "broker": "ok", "worker": "ok"}
+            assert ready["checks"] == {
+                "database": "ok",
+                "broker": "ok",
+                "storage": "ok",
+                "worker": "ok",
+            }
             datasets = {
                 key: upload(client, data_dir / name).json()["id"]
                 for key, name in (("mmlu", "mmlu_excerpt.csv"), ("arc", "arc_excerpt.jsonl"))

@@ -14,7 +14,10 @@ def test_healthz_and_readyz_report_up_and_ready(client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "checks": {"database": "ok", "broker": "ok"}}
+    assert ready.json() == {
+        "status": "ready",
+        "checks": {"database": "ok", "broker": "ok", "storage": "ok"},
+    }
 
 
 def test_readyz_is_503_naming_an_unreachable_broker(
@@ -32,7 +35,7 @@ def test_readyz_is_503_naming_an_unreachable_broker(
     assert response.status_code == 503
     body = response.json()
     assert body["error"]["code"] == "not_ready" and "broker unreachable" in body["error"]["message"]
-    assert body["checks"] == {"database": "ok", "broker": "unreachable"}
+    assert body["checks"] == {"database": "ok", "broker": "unreachable", "storage": "ok"}
     assert "details" not in body and env["GRAIT_BROKER_URL"].rsplit(":", 1)[1] not in response.text
     # The metrics token's holder (an operator) is told why.
     assert "details" in detailed.json() and "Error" in detailed.json()["details"]["broker"]

@@ -236,6 +236,16 @@ def test_a_failing_store_is_a_500_that_names_nothing_of_it(
         assert secret not in response.text
 
 
+def test_readyz_checks_the_object_store(apis: dict[str, str]) -> None:
+    healthy = httpx.get(apis["streaming"] + "/readyz", timeout=30)
+    broken = httpx.get(apis["broken"] + "/readyz", timeout=30)
+
+    assert healthy.status_code == 200 and healthy.json()["checks"]["storage"] == "ok"
+    assert broken.status_code == 503
+    assert broken.json()["checks"]["storage"] == "unreachable"
+    assert "storage" in broken.json()["error"]["message"]
+
+
 def test_the_worker_reads_the_job_datasets_from_the_bucket(
     stored: dict[str, Any], s3_env: dict[str, str], tmp_path: Path
 ) -> None:
