@@ -104,7 +104,11 @@ def test_speed_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert uploads["reads_alone"] > 0 and uploads["reads_during"] > 0
     limits = parts["limits"]["result"]
     assert limits["measured_peak_flops"] > 0 and limits["measured_bandwidth"] > 0
-    assert {r["stage"] for r in limits["calibration_job"]["ratios"]} >= {"training", "evaluation"}
+    # (a tiny random model knows nothing, so its training set, and FLOPs, may be empty)
+    assert {r["stage"] for r in limits["calibration_job"]["ratios"]} >= {
+        "knowledge_query",
+        "evaluation",
+    }
     assert all(0 < r["mfu"] for r in limits["calibration_job"]["ratios"])
     predicted = {s["stage"] for s in limits["validation_job"]["predicted"]["stages"]}
     assert predicted == set(limits["validation_job"]["measured"])  # every stage checked
