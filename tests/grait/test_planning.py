@@ -29,6 +29,17 @@ from grait.prompts import encode_training_pair, question_message, render_prompt
 from grait.training import lora_config
 
 
+def _llama3_8b_shape(tmp_path: Path, tokenizer_from: Path) -> Path:
+    """A model folder with Llama-3-8B's config.json and a tokenizer, no weights."""
+    big = tmp_path / "llama3-8b"
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps(LLAMA3_8B))
+    for f in tokenizer_from.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template")):
+            (big / f.name).write_bytes(f.read_bytes())
+    return big
+
+
 def _config(model: Path | str, data: Path, limit: int = 32, **over) -> JobConfig:
     spec = {
         "method": "grait",
@@ -93,12 +104,7 @@ def test_predictions_move_with_data_size_quantisation_and_checkpointing(
     )
     assert large.stage("knowledge_query").seconds > small.stage("knowledge_query").seconds
 
-    big = tmp_path / "llama3-8b"
-    big.mkdir()
-    (big / "config.json").write_text(json.dumps(LLAMA3_8B))
-    for f in tiny_model_dir.iterdir():
-        if f.name.startswith(("tokenizer", "chat_template")):
-            (big / f.name).write_bytes(f.read_bytes())
+    big = _llama3_8b_shape(tmp_path, tiny_model_dir)
     h100 = load_compute_class("gpu-h100-80g")
     lora = {"r": 64, "target_modules": list(ALL_LINEAR)}
     no_probe = {"fit_check": {"enabled": False}}  # compare the training passes alone
@@ -160,12 +166,7 @@ def test_a_calibration_overrides_the_class_and_is_named_in_the_plan(
 def test_cli_plan_exits_3_when_the_job_does_not_fit(
     tmp_path: Path, shared_data: Path, tiny_model_dir: Path
 ) -> None:
-    big = tmp_path / "llama3-8b"
-    big.mkdir()
-    (big / "config.json").write_text(json.dumps(LLAMA3_8B))
-    for f in tiny_model_dir.iterdir():
-        if f.name.startswith(("tokenizer", "chat_template")):
-            (big / f.name).write_bytes(f.read_bytes())
+    big = _llama3_8b_shape(tmp_path, tiny_model_dir)
     train = str(shared_data / "arc_easy" / "dev.jsonl")
     args = [sys.executable, "-m", "grait.cli", "plan", "--train", train, "--model", str(big)]
     too_big = subprocess.run(
