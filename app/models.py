@@ -1,5 +1,5 @@
 """ORM models: tenants and their API keys, datasets, jobs, their dataset links, events,
-artifacts, idempotency records and webhook deliveries.
+feature shards, artifacts, idempotency records and webhook deliveries.
 
 Public ids are prefixed and time-ordered (`ds-…`, `job-…`), so ordering by id is creation
 order and an id doubles as a pagination cursor.
@@ -190,6 +190,28 @@ class JobEvent(Base):
     stage: Mapped[str | None] = mapped_column(String(40))
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class FeatureShard(Base):
+    """One shard of a job's Stage 2b, taken by whichever worker of the job's class claims it.
+
+    The row, not a Celery message, says who computes it: a message only invites a worker to
+    claim shards of the job, so a lost message or a dead worker (its lease runs out) costs
+    one shard's time, never the job. `spec` is the coordinator's plan, so every worker
+    computes the same batches whatever its own settings.
+    """
+
+    __tablename__ = "feature_shards"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(10))  # pending | running | done
+    worker: Mapped[str | None] = mapped_column(String(255))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]  # the database's clock, as the leases
+    seconds: Mapped[float | None] = mapped_column(Float)
 
 
 class Artifact(Base):

@@ -14,6 +14,8 @@ from celery import Celery
 from app.settings import Settings, get_settings
 
 RUN_JOB_TASK = "grait.run_job"
+# "Help with job X's feature shards": the worker that takes it claims shards until none is left
+FEATURE_SHARDS_TASK = "grait.feature_shards"
 log = logging.getLogger(__name__)
 
 
@@ -80,6 +82,24 @@ def publish_job(job_id: str, settings: Settings | None = None, queue: str | None
 
 
 BROKER_MARKER = "grait:broker-epoch"
+
+
+def invite_shard_workers(job_id: str, count: int, queue: str, settings: Settings) -> int:
+    """Ask up to `count` workers of the job's queue to help with its feature shards.
+
+    An invitation is not an assignment (the shard rows are): one that is lost, or taken by a
+    worker after the shards are done, costs nothing. Returns how many were sent.
+    """
+    client = _client(settings)
+    sent = 0
+    for _ in range(count):
+        try:
+            client.send_task(FEATURE_SHARDS_TASK, args=[job_id], queue=queue)
+            sent += 1
+        except Exception:  # the job's own worker computes what nobody else takes
+            log.exception("could not invite a worker to job %s's feature shards", job_id)
+            break
+    return sent
 
 
 def broker_lost_messages(settings: Settings) -> bool:

@@ -50,6 +50,27 @@ class Settings(BaseSettings):
         "resumes on another worker that shares no disk; `local`: run folders only; auto = store "
         "when the storage is `s3`.",
     )
+    feature_shard_min_rows: int = Field(
+        4096,
+        ge=0,
+        description="Stage 2b of a job with at least this many feature rows (training "
+        "questions + kept known ones) is computed in shards by every worker of the job's class "
+        "that is free; needs stage checkpoints in the storage. 0 = never shard.",
+    )
+    feature_shard_rows: int = Field(
+        1024, ge=1, description="Rows per shard (rounded up to whole feature batches)."
+    )
+    feature_shard_lease_seconds: int = Field(
+        120,
+        ge=5,
+        description="A shard whose worker renewed nothing for this long is taken by another.",
+    )
+    feature_shard_wait_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="How long the job's own worker leaves a shard nobody claimed to the other "
+        "workers before computing it itself (0: it computes shards alongside them).",
+    )
     storage_endpoint_url: str | None = Field(
         None,
         description="The S3 endpoint as the service reaches it (`http://minio:9000`); unset: AWS.",

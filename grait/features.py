@@ -452,19 +452,22 @@ def compute_features(
     out_pre: np.ndarray | None,
     tick: Callable[[int], None] | None = None,
     should_cancel: Callable[[], bool] = lambda: False,
+    batches: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, Any]:
     """Fill out_raw (and out_pre) row by row with normalised projected gradients.
 
-    Returns simple statistics (zero-gradient rows, mean raw norm) for the run's log.
+    `batches` (default: all of `feature_batches`) computes only those batches of item
+    positions: a shard. out_raw/out_pre are indexed by item position either way.
+    Returns simple statistics (rows, zero-gradient rows, sum of raw norms) for the run's log.
     """
-    order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
+    if batches is None:
+        batches = feature_batches([len(e.ids) for e in items], batch_size)
     zero_rows = 0
     norms: list[float] = []
     done = 0
-    for start in range(0, len(order), batch_size):
+    for idx in map(list, batches):
         if should_cancel():
             raise Cancelled("gradient features stopped on request")
-        idx = order[start : start + batch_size]
         proj = projected_lora_gradients(
             model,
             capture,
@@ -483,7 +486,17 @@ def compute_features(
         if tick:
             tick(done)
     return {
-        "rows": len(items),
+        "rows": done,
         "zero_gradient_rows": zero_rows,
-        "mean_gradient_norm": float(np.mean(norms)) if norms else 0.0,
+        "gradient_norm_sum": float(np.sum(norms)) if norms else 0.0,
     }
+
+
+def feature_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """The item positions of each batch: sorted by length (less padding), then cut.
+
+    Shards are runs of these batches, so a row is computed with the same neighbours and
+    padding with or without shards (bit-identical features, the same selection).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]

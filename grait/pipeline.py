@@ -38,12 +38,24 @@ from grait.events import (
     never_cancel,
     no_progress,
 )
+from grait.feature_shards import (
+    ANSWERS,
+    MATRICES,
+    REFUSALS,
+    CompactRows,
+    FeatureShard,
+    batches_per_shard,
+    merge_into,
+    plan_shards,
+    write_shard,
+)
 from grait.features import (
     AdamState,
     FeatureStore,
     LoraGradientCapture,
     Preconditioner,
     compute_features,
+    feature_batches,
     make_projection,
 )
 from grait.fit_check import check_fit
@@ -497,80 +509,280 @@ def _stage_warmup(run: _Run, out: Path) -> dict[str, Any]:
     return {"samples": size, "steps": state.step, "final_loss": losses[-1] if losses else None}
 
 
-def _stage_features(run: _Run, out: Path) -> dict[str, Any]:
+@dataclass
+class _FeatureInputs:
+    """Stage 2b's two lists (`feature_shards.REFUSALS`, `ANSWERS`): training rows and targets."""
+
+    rows: dict[str, list[int]]
+    items: dict[str, list[Any]] = field(default_factory=dict)  # encoded, when the model is at hand
+
+    def batches(self, name: str, batch_size: int) -> list[list[int]]:
+        return feature_batches([len(e.ids) for e in self.items[name]], batch_size)
+
+
+def _feature_inputs(run: _Run, *, encode: bool) -> _FeatureInputs:
     cfg = run.config
-    split = _split(run)
-    model, tok = run.model
-    state = AdamState.load(run.stage_dir("warmup") / "adam_state.pt")
-    store = FeatureStore(out)
-    n = len(run.train)
-    kept = split["ik_kept"]
-    idk_items = [run.encode(r, cfg.refusal) for r in run.train]
-    van_items = [run.encode(run.train[i], run.train[i].answer_text) for i in kept]
-    if cfg.features.target_tokens == "first":  # the gradient of the decision, not the wording
-        idk_items = [first_target_token(e) for e in idk_items]
-        van_items = [first_target_token(e) for e in van_items]
-    total = len(idk_items) + len(van_items)
-    tick = run.ticker("gradient_features", total)
+    kept = _split(run)["ik_kept"]
+    inputs = _FeatureInputs({REFUSALS: list(range(len(run.train))), ANSWERS: list(kept)})
+    if encode:
+        refusals = [run.encode(r, cfg.refusal) for r in run.train]
+        answers = [run.encode(run.train[i], run.train[i].answer_text) for i in kept]
+        if cfg.features.target_tokens == "first":  # the gradient of the decision, not the wording
+            refusals = [first_target_token(e) for e in refusals]
+            answers = [first_target_token(e) for e in answers]
+        inputs.items = {REFUSALS: refusals, ANSWERS: answers}
+    return inputs
+
+
+class _FeaturePass:
+    """The warmed-up LoRA model with its capture, projection and preconditioner, ready to
+    compute any batches of either list: the whole stage, or one shard of it."""
+
+    def __init__(self, run: _Run, peft_model: Any, capture: LoraGradientCapture):
+        cfg = run.config
+        self.run = run
+        self.model = peft_model
+        self.capture = capture
+        self.n_params = capture.n_params
+        self.projection = make_projection(
+            cfg.features.projection,
+            capture.n_params,
+            cfg.features.dim,
+            blocks=cfg.features.sparse_blocks,
+            seed=cfg.seed,  # the same projection on every worker computing a shard
+            device=run.runtime.device,
+        )
+        state = AdamState.load(run.stage_dir("warmup") / "adam_state.pt")
+        self.pre = Preconditioner(
+            cfg.features.preconditioner, state, run.runtime.device, cfg.features.adam_eps
+        )
+
+    def compute(
+        self,
+        name: str,
+        items: list[Any],
+        batches: list[list[int]],
+        out_raw: Any,
+        out_pre: Any | None,
+        tick: Callable[[int], None],
+    ) -> dict[str, Any]:
+        return compute_features(
+            self.model,
+            self.capture,
+            items,
+            pad_id=self.run.model[1].pad_token_id,
+            batch_size=self.run.config.features.batch_size,
+            projection=self.projection,
+            preconditioner=self.pre if name == REFUSALS else None,  # the reference side is raw
+            out_raw=out_raw,
+            out_pre=out_pre,
+            tick=tick,
+            batches=batches,
+        )
+
+
+@contextmanager
+def _feature_pass(run: _Run) -> Iterator[_FeaturePass]:
+    model, _ = run.model
     with attached_lora(
         model, adapter_dir=run.stage_dir("warmup") / "adapter", trainable=True
     ) as peft_model:
         peft_model.eval()  # no dropout: features must be deterministic
         capture = LoraGradientCapture(peft_model)
         try:
-            projection = make_projection(
-                cfg.features.projection,
-                capture.n_params,
-                cfg.features.dim,
-                blocks=cfg.features.sparse_blocks,
-                seed=cfg.seed,
-                device=run.runtime.device,
-            )
-            pre = Preconditioner(
-                cfg.features.preconditioner, state, run.runtime.device, cfg.features.adam_eps
-            )
-            common = {
-                "pad_id": tok.pad_token_id,
-                "batch_size": cfg.features.batch_size,
-                "projection": projection,
-            }
-            stats_idk = compute_features(
-                peft_model,
-                capture,
-                idk_items,
-                preconditioner=pre,
-                out_raw=store.create("idk_raw", n, cfg.features.dim, row_ids=range(n)),
-                out_pre=store.create("idk_pre", n, cfg.features.dim, row_ids=range(n)),
-                tick=tick,
-                **common,
-            )
-            stats_van = compute_features(
-                peft_model,
-                capture,
-                van_items,
-                preconditioner=None,
-                out_raw=store.create("van_raw", len(kept), cfg.features.dim, row_ids=kept),
-                out_pre=None,
-                tick=lambda d: tick(len(idk_items) + d),
-                **common,
-            )
+            yield _FeaturePass(run, peft_model, capture)
         finally:
             capture.close()
-    if stats_idk["zero_gradient_rows"]:
+
+
+def _feature_metrics(
+    run: _Run, n_params: int, stats: dict[str, dict[str, Any]], **extra: Any
+) -> dict[str, Any]:
+    zero = stats[REFUSALS]["zero_gradient_rows"]
+    if zero:
         run.emit(
             PipelineEvent(
                 "warning",
                 "gradient_features",
-                message=f"{stats_idk['zero_gradient_rows']} samples had an all-zero gradient (warm-up too short?)",
+                message=f"{zero} samples had an all-zero gradient (warm-up too short?)",
             )
         )
     return {
-        "n_params": capture.n_params,
-        "dim": cfg.features.dim,
-        "refusal_rows": stats_idk["rows"],
-        "answer_rows": stats_van["rows"],
-        "zero_gradient_rows": stats_idk["zero_gradient_rows"] + stats_van["zero_gradient_rows"],
+        "n_params": n_params,
+        "dim": run.config.features.dim,
+        "refusal_rows": stats[REFUSALS]["rows"],
+        "answer_rows": stats[ANSWERS]["rows"],
+        "zero_gradient_rows": zero + stats[ANSWERS]["zero_gradient_rows"],
+        **extra,
     }
+
+
+def _create_matrices(out: Path, inputs: _FeatureInputs, dim: int) -> dict[str, Any]:
+    store = FeatureStore(out)
+    return {
+        matrix: store.create(matrix, len(inputs.rows[name]), dim, row_ids=inputs.rows[name])
+        for name, pair in MATRICES.items()
+        for matrix in pair
+        if matrix is not None
+    }
+
+
+def _stage_features(run: _Run, out: Path) -> dict[str, Any]:
+    cfg = run.config
+    inputs = _feature_inputs(run, encode=True)
+    matrices = _create_matrices(out, inputs, cfg.features.dim)
+    tick = run.ticker("gradient_features", sum(len(rows) for rows in inputs.rows.values()))
+    stats: dict[str, dict[str, Any]] = {}
+    offset = 0
+    with _feature_pass(run) as fp:
+        for name, (raw, pre) in MATRICES.items():
+            stats[name] = fp.compute(
+                name,
+                inputs.items[name],
+                inputs.batches(name, cfg.features.batch_size),
+                matrices[raw],
+                matrices[pre] if pre else None,
+                lambda d, offset=offset: tick(offset + d),
+            )
+            offset += len(inputs.rows[name])
+        n_params = fp.n_params
+    return _feature_metrics(run, n_params, stats)
+
+
+# ---- Stage 2b in shards (grait.feature_shards): plan, one shard, merge ---------------------
+
+
+def _open_run(
+    config: JobConfig,
+    run_dir: Path | str,
+    progress: ProgressCallback | None,
+    should_cancel: CancelCheck | None,
+    *,
+    needs: tuple[str, ...],
+) -> _Run:
+    """A run folder of this spec in which `needs` are completed (else ValueError)."""
+    run_dir = Path(run_dir)
+    manifest = _read_manifest(run_dir)
+    if manifest is None or manifest.get("config_hash") != config_hash(config):
+        raise RunDirConflict(f"{run_dir} holds no run of this job spec")
+    missing = [s for s in needs if s not in manifest["stages"]]
+    if missing:
+        raise ValueError(f"{run_dir}: stages not completed yet: {', '.join(missing)}")
+    return _Run(config, run_dir, progress or no_progress, should_cancel or never_cancel)
+
+
+def feature_shard_plan(
+    config: JobConfig, run_dir: Path | str, rows_per_shard: int
+) -> tuple[list[FeatureShard], int]:
+    """The shards of this run's Stage 2b and its number of rows (needs Stage 1 only: the
+    lists' sizes)."""
+    run = _open_run(config, run_dir, None, None, needs=("knowledge_query",))
+    inputs = _feature_inputs(run, encode=False)
+    size = config.features.batch_size
+    refusals, answers = len(inputs.rows[REFUSALS]), len(inputs.rows[ANSWERS])
+    shards = plan_shards(
+        math.ceil(refusals / size),
+        math.ceil(answers / size),
+        batches_per_shard(rows_per_shard, size),
+    )
+    return shards, refusals + answers
+
+
+def compute_feature_shard(
+    config: JobConfig,
+    run_dir: Path | str,
+    shard: FeatureShard,
+    out: Path | str,
+    *,
+    progress: ProgressCallback | None = None,
+    should_cancel: CancelCheck | None = None,
+) -> dict[str, Any]:
+    """One shard's rows into `out` (`feature_shards.write_shard`), from the run's warm-up.
+
+    Any machine holding the run folder up to the warm-up can compute any shard.
+    """
+    out = Path(out)
+    run = _open_run(config, run_dir, progress, should_cancel, needs=("warmup",))
+    inputs = _feature_inputs(run, encode=True)
+    size, dim = config.features.batch_size, config.features.dim
+    chosen = {
+        name: [batches[b] for b in shard.batches(name)]
+        for name in MATRICES
+        for batches in [inputs.batches(name, size)]
+    }
+    tick = run.ticker("gradient_features", sum(len(b) for bs in chosen.values() for b in bs))
+    set_seed(config.seed + STAGE_SEED_OFFSET["gradient_features"])
+    rows: dict[str, dict[str, CompactRows]] = {}
+    stats: dict[str, dict[str, Any]] = {}
+    done = 0
+    with _feature_pass(run) as fp:
+        for name, (raw, pre) in MATRICES.items():
+            positions = [p for batch in chosen[name] for p in batch]
+            rows[name] = {m: CompactRows(positions, dim) for m in (raw, pre) if m is not None}
+            stats[name] = fp.compute(
+                name,
+                inputs.items[name],
+                chosen[name],
+                rows[name][raw],
+                rows[name][pre] if pre else None,
+                lambda d, done=done: tick(done + d),
+            )
+            done += len(positions)
+        n_params = fp.n_params
+    shutil.rmtree(out, ignore_errors=True)
+    write_shard(out, shard, rows, stats, n_params=n_params)
+    return stats
+
+
+def merge_feature_shards(
+    config: JobConfig,
+    run_dir: Path | str,
+    shard_dirs: list[Path],
+    shards: list[FeatureShard],
+    *,
+    seconds: float,
+    progress: ProgressCallback | None = None,
+    **extra_metrics: Any,
+) -> dict[str, Any]:
+    """Complete Stage 2b from its shards: the same matrices as the unsharded stage, recorded
+    in the manifest like any stage (`seconds`: the sharded stage's wall time)."""
+    run = _open_run(config, run_dir, progress, None, needs=("warmup",))
+    manifest = _read_manifest(run.run_dir)
+    assert manifest is not None
+    if "gradient_features" in manifest["stages"]:
+        raise ValueError("gradient_features is already completed in this run folder")
+    out = run.stage_dir("gradient_features")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    inputs = _feature_inputs(run, encode=False)
+    matrices = _create_matrices(out, inputs, config.features.dim)
+    stats, n_params = merge_into(matrices, shard_dirs, shards)
+    for matrix in matrices.values():
+        matrix.flush()
+    metrics = _feature_metrics(run, n_params, stats, shards=len(shards), **extra_metrics)
+    _complete_stage(run, manifest, "gradient_features", seconds, metrics, peak=None)
+    return metrics
+
+
+def _complete_stage(
+    run: _Run,
+    manifest: dict[str, Any],
+    stage: str,
+    seconds: float,
+    metrics: dict[str, Any],
+    *,
+    peak: int | None,
+) -> None:
+    """Record a finished stage (the manifest is written atomically), then say so."""
+    manifest["stages"][stage] = {
+        "seconds": seconds,
+        "peak_memory_bytes": peak,
+        "metrics": metrics,
+        "completed_at": time.time(),
+    }
+    _write_manifest(run.run_dir, manifest)
+    run.emit(PipelineEvent("metrics", stage, data=metrics))
+    run.emit(PipelineEvent("stage_completed", stage, message=f"{stage} done in {seconds:.1f}s"))
 
 
 def load_features(run_dir: Path) -> Features:
@@ -1021,7 +1233,7 @@ def run_pipeline(
             emit(PipelineEvent("stage_skipped", stage, message="no eval datasets given"))
             continue
         if stage in manifest["stages"]:
-            emit(PipelineEvent("stage_skipped", stage, message="completed in an earlier attempt"))
+            emit(PipelineEvent("stage_skipped", stage, message="already completed (an earlier attempt, or in shards)"))
             if stage == until:
                 break
             continue
@@ -1040,15 +1252,7 @@ def run_pipeline(
             metrics = _STAGE_FUNCS[stage](run, out)
         seconds = round(time.perf_counter() - started, 2)
         timings[stage] = seconds
-        manifest["stages"][stage] = {
-            "seconds": seconds,
-            "peak_memory_bytes": peak_memory(run.runtime),
-            "metrics": metrics,
-            "completed_at": time.time(),
-        }
-        _write_manifest(run_dir, manifest)
-        emit(PipelineEvent("metrics", stage, data=metrics))
-        emit(PipelineEvent("stage_completed", stage, message=f"{stage} done in {seconds:.1f}s"))
+        _complete_stage(run, manifest, stage, seconds, metrics, peak=peak_memory(run.runtime))
         if stage == until:
             break
     _attach_plan(run_dir, manifest)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from app.queue import RUN_JOB_TASK
+from app.queue import FEATURE_SHARDS_TASK, RUN_JOB_TASK
 from app.settings import get_settings
 
 RETRY_CLAIM_SECONDS = 5
@@ -25,3 +25,12 @@ def register_tasks(celery: Celery) -> None:
             if is_database_outage(exc):
                 raise self.retry(countdown=RETRY_CLAIM_SECONDS, max_retries=None) from exc
             raise
+
+    @celery.task(name=FEATURE_SHARDS_TASK, bind=True, acks_late=True, ignore_result=True)
+    def feature_shards(self, job_id: str) -> int:
+        """An invitation to compute shards of a running job's Stage 2b (worker.feature_shards)."""
+        from worker.feature_shards import help_with_shards
+
+        return help_with_shards(
+            job_id, worker=self.request.hostname or "worker", settings=get_settings()
+        )
