@@ -19,7 +19,16 @@ from bench.common import RESULTS, SHARED_DATA, machine, md_table, write_json
 from grait.config import DEFAULT_BASE_MODEL
 from grait.data import load_records, take, write_jsonl
 
-PARTS = ("features", "selection", "knowledge", "service", "pollers", "uploads", "limits")
+PARTS = (
+    "features",
+    "selection",
+    "knowledge",
+    "service",
+    "pollers",
+    "uploads",
+    "limits",
+    "sharding",
+)
 
 
 def _log(message: str) -> None:
@@ -74,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="store the fitted efficiencies in grait/planning/calibration/<class>.json",
     )
+    p.add_argument("--shard-questions", type=int, default=128, help="sharding: training questions")
+    p.add_argument("--shard-rows", type=int, default=32, help="sharding: rows per shard")
     p.add_argument("--note", help="stored with the parts measured now, e.g. what else ran")
     return p
 
@@ -88,6 +99,7 @@ def _smoke(args: argparse.Namespace) -> None:
     args.uploads, args.upload_rows = 4, 2000
     args.service_method = "van"
     args.calibrate_train, args.validate_train, args.limits_eval = 12, 20, 4
+    args.shard_questions, args.shard_rows = 12, 4
 
 
 def _load_summary(path: Path) -> dict[str, Any]:
@@ -532,6 +544,75 @@ def _md_limits(part: dict[str, Any]) -> list[str]:
     ]
 
 
+def _run_sharding(args: argparse.Namespace, base_model: str) -> dict[str, Any]:
+    from bench.speed.sharding import bench_sharding
+    from grait.testing import tiny_hyperparameters
+
+    return {
+        "result": bench_sharding(
+            base_model,
+            str(args.data),
+            scratch=args.scratch,
+            n=args.shard_questions,
+            batch_size=args.feature_batch,
+            dim=args.dim,
+            rows_per_shard=args.shard_rows,
+            hyper=tiny_hyperparameters() if args.smoke else None,
+            log=_log,
+        )
+    }
+
+
+def _md_sharding(part: dict[str, Any]) -> list[str]:
+    r = part["result"]
+    rows = []
+    for name, label in (("one_worker", "one worker"), ("two_workers", "two workers")):
+        x, same = r[name], r["same"][name]
+        rows.append(
+            [
+                label,
+                f"{x['wall_s']:.1f}",
+                f"{x['load_s']:.1f}",
+                f"{x['compute_s']:.1f}",
+                "yes" if same["selection_equals_unsharded"] else "**no**",
+                f"{same['max_abs_feature_diff']:.1e}",
+            ]
+        )
+    return [
+        "## Stage 2b in shards: two workers against one",
+        "",
+        _stamp(part),
+        "",
+        (
+            f"{r['questions']} ARC-Easy questions → {r['feature_rows']} feature rows in "
+            f"{r['shards']} shards of {r['rows_per_shard']} rows (batch {r['batch_size']}, "
+            f"d = {r['dim']}). Each worker is a fresh process (start, model load, its shards) on "
+            f"its own copy of the warm-up; one worker gets all {r['cores']} cores, two get half "
+            f"each and run at once. The unsharded stage took {r['unsharded_stage_s']:.1f} s in "
+            "process. Selection and features are compared with the unsharded stage's."
+        ),
+        "",
+        md_table(
+            [
+                "",
+                "wall s",
+                "start + load s",
+                "shards s",
+                "same selection",
+                "max |Δ feature|",
+            ],
+            rows,
+        ),
+        "",
+        (
+            f"**Two workers / one worker: {r['ratio_wall']:.2f}× wall, "
+            f"{r['ratio_compute']:.2f}× shard compute** on this {r['cores']}-core machine: two "
+            "workers here split the same cores, so this measures the cost of sharding more than "
+            "its gain; on machines with a GPU each, the shards' compute divides by the workers."
+        ),
+    ]
+
+
 def _stamp(part: dict[str, Any]) -> str:
     return (
         f"*Measured {part['measured_at']} on {part['machine']}; base model `{part['base_model']}`.*"
@@ -546,6 +627,7 @@ RUNNERS = {
     "pollers": (_run_pollers, _md_pollers),
     "uploads": (_run_uploads, _md_uploads),
     "limits": (_run_limits, _md_limits),
+    "sharding": (_run_sharding, _md_sharding),
 }
 
 

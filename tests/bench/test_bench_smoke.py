@@ -85,6 +85,7 @@ def test_speed_smoke_writes_every_figure(tmp_path: Path) -> None:
         "Service: `GET /v1/jobs/{id}` under concurrent pollers",
         "Service: job reads during concurrent large uploads",
         "Each stage against the hardware's limit, and the planner checked on a second job",
+        "Stage 2b in shards: two workers against one",
     ):
         assert f"## {section}" in md
     parts = summary["parts"]
@@ -113,6 +114,9 @@ def test_speed_smoke_writes_every_figure(tmp_path: Path) -> None:
     predicted = {s["stage"] for s in limits["validation_job"]["predicted"]["stages"]}
     assert predicted == set(limits["validation_job"]["measured"])  # every stage checked
     assert len(_table_rows(md, "Selection + weighting")) == 2
+    sharding = parts["sharding"]["result"]
+    assert sharding["shards"] >= 2 and sharding["ratio_wall"] > 0
+    assert all(s["selection_equals_unsharded"] for s in sharding["same"].values())
     assert not list((tmp_path / "smoke-speed").glob("*.npy"))  # feature matrices stay in scratch
 
     # Remeasuring one part keeps the others and their dates.
