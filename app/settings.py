@@ -100,6 +100,13 @@ class Settings(BaseSettings):
         ge=5 * 1024 * 1024,
         description="Multipart upload part size (S3's minimum is 5 MiB).",
     )
+    storage_cache_max_bytes: int = Field(
+        20 * 1024**3,
+        ge=0,
+        description="s3: this machine's copies of fetched objects (datasets, checkpoints) are "
+        "trimmed, least recently used first, to this size; copies used in the last 10 minutes "
+        "are kept whatever the size.",
+    )
 
     # Queue
     queue: str = Field(

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -182,6 +183,7 @@ class S3Config:
     secret_access_key: str | None = field(default=None, repr=False)
     presign_expires_seconds: int | None = None  # None: downloads stream through the API
     part_bytes: int = 8 * 1024 * 1024
+    cache_max_bytes: int = 20 * 1024**3
     # Parts in flight per upload: memory stays near concurrency x part_bytes whatever the size.
     upload_concurrency: int = 4
 
@@ -205,10 +207,12 @@ class S3Config:
                 else None
             ),
             part_bytes=settings.storage_part_bytes,
+            cache_max_bytes=settings.storage_cache_max_bytes,
         )
 
 
 _ETAG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+CACHE_RECENT_SECONDS = 600.0
 
 
 class S3Storage:
@@ -294,6 +298,7 @@ class S3Storage:
             cached = self._cached(key, result.get("e_tag"))
             cached.parent.mkdir(parents=True, exist_ok=True)
             os.replace(source, cached)  # same filesystem: staging and cache share the root
+            self.trim_cache()
         return size
 
     def _cached(self, key: str, etag: str | None) -> Path:
@@ -311,6 +316,7 @@ class S3Storage:
         info = self.stat(key)
         cached = self._cached(key, info.etag)
         if cached.is_file() and cached.stat().st_size == info.size:
+            os.utime(cached)  # used now: the last to be trimmed
             return cached
         with self._errors("fetch", key):
             result = obstore.get(self._store, key)
@@ -337,7 +343,38 @@ class S3Storage:
             os.replace(partial, cached)
         finally:
             partial.unlink(missing_ok=True)
+        self.trim_cache()
         return cached
+
+    def trim_cache(self, *, recent_seconds: float = CACHE_RECENT_SECONDS) -> int:
+        """Delete cached copies, least recently used first, until the cache fits its cap.
+
+        Copies used within `recent_seconds` stay: a job may be about to open the path
+        `fetch` just gave it. (A file already open stays readable after its unlink.)
+        Returns the bytes freed.
+        """
+        files = []
+        for path in self.cache.rglob("*"):
+            if path.name.endswith(".partial"):
+                continue  # a fetch in progress
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # trimmed or deleted meanwhile
+                continue
+            if path.is_file():
+                files.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in files)
+        limit = self.config.cache_max_bytes
+        if total <= limit:
+            return 0
+        freed = 0
+        horizon = time.time() - recent_seconds
+        for mtime, size, path in sorted(files):
+            if total - freed <= limit or mtime > horizon:
+                break
+            path.unlink(missing_ok=True)
+            freed += size
+        return freed
 
     def stream(self, key: str) -> tuple[ObjectInfo, Iterable[bytes]]:
         """One GET: a missing object fails here, before the caller sends a status line.

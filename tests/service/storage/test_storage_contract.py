@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -232,3 +233,22 @@ def test_an_unreachable_store_fails_naming_the_key_not_the_endpoint(
 
     assert str(caught.value) == "object store: head 'datasets/ds-8/train.jsonl' failed"
     assert endpoint not in str(caught.value) and s3_bucket not in str(caught.value)
+
+
+def test_the_fetch_cache_is_trimmed_least_recently_used_first(
+    s3_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    store = s3_store(s3_endpoint, s3_bucket, tmp_path / "machine", cache_max_bytes=2500)
+    for k in range(3):
+        source = tmp_path / f"f{k}.bin"
+        source.write_bytes(bytes(1000))
+        store.put_file(f"datasets/ds-{k}/f.bin", source)
+    old, used, new = (store.fetch(f"datasets/ds-{k}/f.bin") for k in range(3))
+    assert old.exists() and used.exists() and new.exists()  # all used just now: none trimmed
+    past = time.time() - 3600
+    for path in (old, used):
+        os.utime(path, (past, past))
+    store.fetch("datasets/ds-1/f.bin")  # a hit: `used` is the most recent again
+    assert store.trim_cache() == 1000
+    assert not old.exists() and used.exists() and new.exists()
+    assert store.fetch("datasets/ds-0/f.bin").read_bytes() == bytes(1000)  # fetched again
