@@ -22,7 +22,7 @@ from app.jobs.schemas import EVENT_PREFIX, DatasetRef, JobCreate, PlanRequest
 from app.models import Artifact, Dataset, Job, JobDataset, JobEvent, Tenant, new_id
 from app.queue import publish_job
 from app.settings import Settings
-from app.storage import ObjectNotFound, Storage
+from app.storage import LocalStorage, ObjectNotFound, Storage
 from app.webhooks.service import check_webhook_url
 from grait.config import JobConfig
 from grait.data import DataError
@@ -78,6 +78,27 @@ def _dataset_file(storage: Storage, dataset: Dataset, *, param: str) -> str:
             f"Dataset {dataset.id!r} has lost its stored file; upload it again.",
             param=param,
         ) from None
+
+
+def _prefetch_datasets(
+    *, session: Session, storage: Storage, tenant_id: str, request: JobCreate
+) -> None:
+    """Download the request's datasets into this machine's cache before the submit's
+    transaction locks them: a large download would otherwise hold the share locks (and the
+    connection, idle in transaction) for as long as it takes. Called first in a request, so
+    the rollback that ends this read-only transaction drops nothing."""
+    if isinstance(storage, LocalStorage):  # `fetch` is the file itself: nothing to download
+        return
+    ids = {request.train_dataset.id, *(ref.id for ref in request.eval_datasets)}
+    keys = session.scalars(
+        select(Dataset.storage_key).where(Dataset.id.in_(ids), Dataset.tenant_id == tenant_id)
+    ).all()
+    session.rollback()
+    for key in keys:
+        try:
+            storage.fetch(key)
+        except ObjectNotFound:  # reported, with its parameter, by the validation
+            pass
 
 
 def _validated(
@@ -179,6 +200,7 @@ def plan_job(
             f"compute_class: unknown {compute_class!r}; known: {', '.join(compute_classes())}",
             param="compute_class",
         )
+    _prefetch_datasets(session=session, storage=storage, tenant_id=tenant_id, request=request)
     _, _, config = _validated(
         session=session, storage=storage, settings=settings, tenant_id=tenant_id, request=request
     )
@@ -320,6 +342,8 @@ def submit_job(
 
     Returns (job, replayed): a retry with a known `idempotency` key gets the original job.
     """
+
+    _prefetch_datasets(session=session, storage=storage, tenant_id=tenant_id, request=request)
 
     def create() -> Job:
         job = create_job(
