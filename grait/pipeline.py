@@ -688,6 +688,60 @@ def feature_shard_plan(
     return shards, refusals + answers
 
 
+ShardComputer = Callable[..., dict[str, Any]]
+
+
+@contextmanager
+def feature_shard_computer(config: JobConfig, run_dir: Path | str) -> Iterator[ShardComputer]:
+    """`compute(shard, out, progress=, should_cancel=)` for any shards of this run, from its
+    warm-up: one shard's rows into `out` (`feature_shards.write_shard`).
+
+    The samples are encoded and the LoRA model, projection and preconditioner are built once,
+    however many shards a worker computes. Any machine holding the run folder up to the
+    warm-up can compute any shard.
+    """
+    run = _open_run(config, run_dir, None, None, needs=("warmup",))
+    inputs = _feature_inputs(run, encode=True)
+    size, dim = config.features.batch_size, config.features.dim
+    batches = {name: inputs.batches(name, size) for name in MATRICES}
+    with _feature_pass(run) as fp:
+
+        def compute(
+            shard: FeatureShard,
+            out: Path | str,
+            *,
+            progress: ProgressCallback | None = None,
+            should_cancel: CancelCheck | None = None,
+        ) -> dict[str, Any]:
+            out = Path(out)
+            run.emit = progress or no_progress
+            run.should_cancel = should_cancel or never_cancel
+            chosen = {name: [batches[name][b] for b in shard.batches(name)] for name in MATRICES}
+            tick = run.ticker(
+                "gradient_features", sum(len(b) for bs in chosen.values() for b in bs)
+            )
+            rows: dict[str, dict[str, CompactRows]] = {}
+            stats: dict[str, dict[str, Any]] = {}
+            done = 0
+            for name, (raw, pre) in MATRICES.items():
+                positions = [p for batch in chosen[name] for p in batch]
+                rows[name] = {m: CompactRows(positions, dim) for m in (raw, pre) if m is not None}
+                stats[name] = fp.compute(
+                    name,
+                    inputs.items[name],
+                    chosen[name],
+                    rows[name][raw],
+                    rows[name][pre] if pre else None,
+                    lambda d, done=done: tick(done + d),
+                )
+                done += len(positions)
+            shutil.rmtree(out, ignore_errors=True)
+            write_shard(out, shard, rows, stats, n_params=fp.n_params)
+            return stats
+
+        yield compute
+
+
 def compute_feature_shard(
     config: JobConfig,
     run_dir: Path | str,
@@ -697,41 +751,9 @@ def compute_feature_shard(
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
 ) -> dict[str, Any]:
-    """One shard's rows into `out` (`feature_shards.write_shard`), from the run's warm-up.
-
-    Any machine holding the run folder up to the warm-up can compute any shard.
-    """
-    out = Path(out)
-    run = _open_run(config, run_dir, progress, should_cancel, needs=("warmup",))
-    inputs = _feature_inputs(run, encode=True)
-    size, dim = config.features.batch_size, config.features.dim
-    chosen = {
-        name: [batches[b] for b in shard.batches(name)]
-        for name in MATRICES
-        for batches in [inputs.batches(name, size)]
-    }
-    tick = run.ticker("gradient_features", sum(len(b) for bs in chosen.values() for b in bs))
-    set_seed(config.seed + STAGE_SEED_OFFSET["gradient_features"])
-    rows: dict[str, dict[str, CompactRows]] = {}
-    stats: dict[str, dict[str, Any]] = {}
-    done = 0
-    with _feature_pass(run) as fp:
-        for name, (raw, pre) in MATRICES.items():
-            positions = [p for batch in chosen[name] for p in batch]
-            rows[name] = {m: CompactRows(positions, dim) for m in (raw, pre) if m is not None}
-            stats[name] = fp.compute(
-                name,
-                inputs.items[name],
-                chosen[name],
-                rows[name][raw],
-                rows[name][pre] if pre else None,
-                lambda d, done=done: tick(done + d),
-            )
-            done += len(positions)
-        n_params = fp.n_params
-    shutil.rmtree(out, ignore_errors=True)
-    write_shard(out, shard, rows, stats, n_params=n_params)
-    return stats
+    """One shard (`feature_shard_computer` for one)."""
+    with feature_shard_computer(config, run_dir) as compute:
+        return compute(shard, out, progress=progress, should_cancel=should_cancel)
 
 
 def merge_feature_shards(
@@ -1233,7 +1255,13 @@ def run_pipeline(
             emit(PipelineEvent("stage_skipped", stage, message="no eval datasets given"))
             continue
         if stage in manifest["stages"]:
-            emit(PipelineEvent("stage_skipped", stage, message="already completed (an earlier attempt, or in shards)"))
+            emit(
+                PipelineEvent(
+                    "stage_skipped",
+                    stage,
+                    message="already completed (an earlier attempt, or in shards)",
+                )
+            )
             if stage == until:
                 break
             continue

@@ -23,7 +23,9 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 
@@ -80,7 +82,7 @@ class _ShardLease:
 def compute_and_store(
     job_id: str,
     claimed: board.Claimed,
-    config: JobConfig,
+    compute: Callable[..., Any],
     run_dir: Path,
     *,
     settings: Settings,
@@ -88,26 +90,19 @@ def compute_and_store(
     worker: str,
     should_cancel: Callable[[], bool],
 ) -> bool:
-    """Compute a claimed shard into `run_dir/feature_shards/<i>`, store it, mark it done.
+    """Compute a claimed shard (`compute`: `grait.pipeline.feature_shard_computer`) into
+    `run_dir/feature_shards/<i>`, store it, mark it done.
 
     False when the shard was no longer this worker's to finish (job stopped, lease lost).
     """
     from grait.feature_shards import FeatureShard
-    from grait.pipeline import compute_feature_shard
 
     shard = FeatureShard.from_json(claimed.spec)
     lease = _ShardLease(settings, job_id, shard.index, worker)
     out = run_dir / SHARDS_DIR / str(shard.index)
     started = time.monotonic()
     try:
-        compute_feature_shard(
-            config,
-            run_dir,
-            shard,
-            out,
-            progress=lease,
-            should_cancel=lambda: lease.lost or should_cancel(),
-        )
+        compute(shard, out, progress=lease, should_cancel=lambda: lease.lost or should_cancel())
     except Cancelled:
         if lease.lost:
             log.info("job %s shard %s: no longer ours; dropped", job_id, shard.index)
@@ -142,7 +137,12 @@ def coordinate(
     """The job's own attempt, after the warm-up: Stage 2b in shards, merged into the run
     folder. False (nothing done) when the job is too small to shard or the stage exists."""
     from grait.feature_shards import read_shard_meta
-    from grait.pipeline import completed_stages, feature_shard_plan, merge_feature_shards
+    from grait.pipeline import (
+        completed_stages,
+        feature_shard_computer,
+        feature_shard_plan,
+        merge_feature_shards,
+    )
 
     if not sharding_enabled(settings, config):
         return False
@@ -165,32 +165,38 @@ def coordinate(
     )
     started = time.monotonic()
     reported = -1
-    while True:
-        if should_cancel():
-            raise Cancelled("cancelled during gradient_features")
-        claimed = board.claim(
-            settings, job_id, worker, pending_for=settings.feature_shard_wait_seconds
-        )
-        if claimed is not None:
-            compute_and_store(
-                job_id,
-                claimed,
-                config,
-                run_dir,
-                settings=settings,
-                storage=storage,
-                worker=worker,
-                should_cancel=should_cancel,
+    with ExitStack() as opened:
+        compute = None  # opened at this worker's first shard: it may compute none
+        while True:
+            if should_cancel():
+                raise Cancelled("cancelled during gradient_features")
+            claimed = board.claim(
+                settings, job_id, worker, pending_for=settings.feature_shard_wait_seconds
             )
-            continue
-        rows_now = board.states(settings, job_id)
-        done = sum(1 for r in rows_now if r.state == board.DONE)
-        if done != reported:
-            progress(PipelineEvent("progress", "gradient_features", done=done, total=len(shards)))
-            reported = done
-        if done == len(shards):
-            break
-        time.sleep(POLL_SECONDS)
+            if claimed is not None:
+                if compute is None:
+                    compute = opened.enter_context(feature_shard_computer(config, run_dir))
+                compute_and_store(
+                    job_id,
+                    claimed,
+                    compute,
+                    run_dir,
+                    settings=settings,
+                    storage=storage,
+                    worker=worker,
+                    should_cancel=should_cancel,
+                )
+                continue
+            rows_now = board.states(settings, job_id)
+            done = sum(1 for r in rows_now if r.state == board.DONE)
+            if done != reported:
+                progress(
+                    PipelineEvent("progress", "gradient_features", done=done, total=len(shards))
+                )
+                reported = done
+            if done == len(shards):
+                break
+            time.sleep(POLL_SECONDS)
     folders = []
     for shard in shards:
         folder = run_dir / SHARDS_DIR / str(shard.index)
@@ -222,37 +228,39 @@ def help_with_shards(job_id: str, *, worker: str, settings: Settings) -> int:
     The run folder up to the warm-up comes from the stored checkpoints, once per turn.
     Returns how many shards this worker computed.
     """
-    from grait.pipeline import adopt_run_dir
+    from grait.pipeline import adopt_run_dir, feature_shard_computer
     from worker.checkpoints import restore
     from worker.runner import load_config
 
     storage = get_storage(settings)
     folder = settings.runs_dir / job_id / "feature-shard-helper"
-    config: JobConfig | None = None
+    compute = None
     computed = 0
     try:
-        while (claimed := board.claim(settings, job_id, worker)) is not None:
-            if config is None:
-                try:
-                    config = load_config(job_id, settings=settings, storage=storage)
-                    shutil.rmtree(folder, ignore_errors=True)
-                    if "warmup" not in restore(job_id, folder, storage):
-                        raise RuntimeError("the job's warm-up checkpoint is not in the storage")
-                    adopt_run_dir(folder, config)
-                except BaseException:
-                    board.release(settings, job_id, claimed.shard, worker)
-                    raise
-            if compute_and_store(
-                job_id,
-                claimed,
-                config,
-                folder,
-                settings=settings,
-                storage=storage,
-                worker=worker,
-                should_cancel=lambda: False,  # the lease says when to stop
-            ):
-                computed += 1
+        with ExitStack() as opened:
+            while (claimed := board.claim(settings, job_id, worker)) is not None:
+                if compute is None:
+                    try:
+                        config = load_config(job_id, settings=settings, storage=storage)
+                        shutil.rmtree(folder, ignore_errors=True)
+                        if "warmup" not in restore(job_id, folder, storage):
+                            raise RuntimeError("the job's warm-up checkpoint is not in the store")
+                        adopt_run_dir(folder, config)
+                        compute = opened.enter_context(feature_shard_computer(config, folder))
+                    except BaseException:
+                        board.release(settings, job_id, claimed.shard, worker)
+                        raise
+                if compute_and_store(
+                    job_id,
+                    claimed,
+                    compute,
+                    folder,
+                    settings=settings,
+                    storage=storage,
+                    worker=worker,
+                    should_cancel=lambda: False,  # the lease says when to stop
+                ):
+                    computed += 1
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return computed

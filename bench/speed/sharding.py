@@ -1,7 +1,7 @@
 """Stage 2b on one worker against two: the wall time of the shards, and the same selection.
 
 Stage 1 and the warm-up run once. Then each "worker" is a fresh process that loads the
-base model and computes its shards (`grait.pipeline.compute_feature_shard`) from its own
+base model and computes its shards (`grait.pipeline.feature_shard_computer`) from its own
 copy of the run folder, as a worker restoring the stored warm-up would:
 - one worker: every shard, with all of this machine's cores;
 - two workers: shards i mod 2, at once, with half the cores each.
@@ -36,14 +36,15 @@ def _worker_main(argv: list[str]) -> None:
     torch.set_num_threads(int(threads))
     from grait.feature_shards import FeatureShard
     from grait.models import load_base_model, pick_runtime
-    from grait.pipeline import compute_feature_shard
+    from grait.pipeline import feature_shard_computer
 
     config = JobConfig.model_validate_json(Path(config_path).read_text())
     load_base_model(config.base_model, pick_runtime(config.device, config.dtype))  # cached
     loaded = time.perf_counter()
-    for raw in json.loads(shard_list):
-        shard = FeatureShard.from_json(raw)
-        compute_feature_shard(config, run_dir, shard, Path(out) / str(shard.index))
+    with feature_shard_computer(config, run_dir) as compute:  # as a worker: set up once
+        for raw in json.loads(shard_list):
+            shard = FeatureShard.from_json(raw)
+            compute(shard, Path(out) / str(shard.index))
     done = time.perf_counter()
     print(json.dumps({"load_s": loaded - started, "compute_s": done - loaded}))
 
