@@ -22,6 +22,7 @@ from tests.service.conftest import (
     all_events,
     bearer,
     make_key,
+    settings_for,
     start_api,
     tiny_job,
     upload,
@@ -141,6 +142,7 @@ def shard_cluster(
         "GRAIT_FEATURE_SHARD_MIN_ROWS": "1",
         "GRAIT_FEATURE_SHARD_ROWS": "8",
         "GRAIT_FEATURE_SHARD_WAIT_SECONDS": "600",
+        "GRAIT_FEATURE_SHARD_LEASE_SECONDS": "5",
     }
     api, url = start_api(_node(shared, root, "api"), logs_dir, name="api-shards")
     workers = {
@@ -150,7 +152,7 @@ def shard_cluster(
         for name in ("c", "d")
     }
     key = make_key(shared, "shards")
-    yield {"url": url, "key": key, "workers": workers, "root": root}
+    yield {"url": url, "key": key, "workers": workers, "root": root, "env": shared}
     for worker in workers.values():
         worker.stop()
     api.stop()
@@ -164,42 +166,104 @@ def _selection(client: httpx.Client, job_id: str) -> list[tuple[str, bool, float
     return [(r["id"], r["selected"], r["weight"]) for r in rows]
 
 
+@pytest.fixture(scope="module")
+def one_worker_selection(
+    tiny_model: Path, api_url: str, api_key: str, datasets: dict[str, str], worker_control: Worker
+) -> list[tuple[str, bool, float | None]]:
+    """The job's selection on one worker, no shards: the session's own service (local storage)."""
+    worker_control.ensure_running()
+    with httpx.Client(base_url=api_url, headers=bearer(api_key), timeout=30) as client:
+        single = client.post("/v1/jobs", json=tiny_job(tiny_model, datasets)).json()
+        wait_for_status(client, single["id"], {"succeeded"}, timeout=240)
+        return _selection(client, single["id"])
+
+
+def _submit(c: httpx.Client, tiny_model: Path, data_dir: Path) -> str:
+    mmlu = upload(c, data_dir / "mmlu_excerpt.csv").json()["id"]
+    arc = upload(c, data_dir / "arc_excerpt.jsonl").json()["id"]
+    return c.post("/v1/jobs", json=tiny_job(tiny_model, {"mmlu": mmlu, "arc": arc})).json()["id"]
+
+
+def _owner(events: list[dict[str, Any]]) -> str:
+    return next(e["data"]["worker"] for e in events if (e["data"] or {}).get("worker"))
+
+
+def _features_metrics(events: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(
+        e["data"] for e in events if e["type"] == "metrics" and e["stage"] == "gradient_features"
+    )
+
+
 def test_stage_2b_sharded_over_two_workers_selects_what_one_worker_selects(
     shard_cluster: dict[str, Any],
     tiny_model: Path,
     data_dir: Path,
-    client: httpx.Client,
-    datasets: dict[str, str],
-    worker: Worker,
+    one_worker_selection: list[tuple[str, bool, float | None]],
 ) -> None:
-    # One worker, no shards: the session's own service (local storage).
-    single = client.post("/v1/jobs", json=tiny_job(tiny_model, datasets)).json()
-    wait_for_status(client, single["id"], {"succeeded"}, timeout=240)
-    expected = _selection(client, single["id"])
-
     for name in ("c", "d"):
         shard_cluster["workers"][name].ensure_running()
     with httpx.Client(
         base_url=shard_cluster["url"], headers=bearer(shard_cluster["key"]), timeout=30
     ) as c:
-        mmlu = upload(c, data_dir / "mmlu_excerpt.csv").json()["id"]
-        arc = upload(c, data_dir / "arc_excerpt.jsonl").json()["id"]
-        job = c.post("/v1/jobs", json=tiny_job(tiny_model, {"mmlu": mmlu, "arc": arc})).json()
-        wait_for_status(c, job["id"], {"succeeded"}, timeout=300)
-        events = all_events(c, job["id"])
-        owner = next(e["data"]["worker"] for e in events if (e["data"] or {}).get("worker"))
-        metrics = next(
-            e["data"]
-            for e in events
-            if e["type"] == "metrics" and e["stage"] == "gradient_features"
-        )
+        job_id = _submit(c, tiny_model, data_dir)
+        wait_for_status(c, job_id, {"succeeded"}, timeout=300)
+        events = all_events(c, job_id)
+        metrics = _features_metrics(events)
         # 32 questions and their kept known ones, 8 rows per shard: several shards, all of them
         # computed by the worker that did not run the job.
         assert metrics["shards"] >= 4
         assert metrics["refusal_rows"] == 32
-        assert len(metrics["workers"]) == 1 and metrics["workers"][0] != owner
+        assert len(metrics["workers"]) == 1 and metrics["workers"][0] != _owner(events)
         assert len(metrics["shard_seconds"]) == metrics["shards"]
-        sharded = _selection(c, job["id"])
+        sharded = _selection(c, job_id)
+    expected = one_worker_selection
     assert [(i, s) for i, s, _ in sharded] == [(i, s) for i, s, _ in expected]
     assert [w for *_, w in sharded] == pytest.approx([w for *_, w in expected], abs=1e-6)
     assert any(s for _, s, _ in sharded)
+
+
+def test_a_shard_whose_worker_is_killed_is_taken_over_by_another(
+    shard_cluster: dict[str, Any],
+    tiny_model: Path,
+    data_dir: Path,
+    logs_dir: Path,
+    one_worker_selection: list[tuple[str, bool, float | None]],
+) -> None:
+    from app.jobs import feature_shards as board
+
+    settings = settings_for(shard_cluster["env"])
+    workers = shard_cluster["workers"]
+    for name in ("c", "d"):
+        workers[name].ensure_running()
+    late = Worker(
+        _node(shard_cluster["env"], shard_cluster["root"], "e"),
+        logs_dir,
+        log_name="worker-e",
+        name="e@%h",
+    )
+    try:
+        with httpx.Client(
+            base_url=shard_cluster["url"], headers=bearer(shard_cluster["key"]), timeout=30
+        ) as c:
+            job_id = _submit(c, tiny_model, data_dir)
+            wait_for(
+                lambda: any(r.state == "running" for r in board.states(settings, job_id)),
+                timeout=180,
+                what="a worker to hold a feature shard",
+            )
+            holder = next(r.worker for r in board.states(settings, job_id) if r.state == "running")
+            owner = _owner(all_events(c, job_id))
+            assert holder != owner  # the job's worker leaves the shards to others (wait 600 s)
+            victim = workers[holder.split("@")[0]]
+            victim.process.kill9()  # mid-shard: its claim stays, its lease runs out in 5 s
+
+            late.ensure_running()  # takes the invitations left, then the lapsed shard
+            wait_for_status(c, job_id, {"succeeded"}, timeout=300)
+            metrics = _features_metrics(all_events(c, job_id))
+            assert holder not in metrics["workers"]
+            assert any(w.startswith("e@") for w in metrics["workers"])
+            assert board.states(settings, job_id) == []  # merged: the shard rows are gone
+            sharded = _selection(c, job_id)
+    finally:
+        late.stop()
+    assert [(i, s) for i, s, _ in sharded] == [(i, s) for i, s, _ in one_worker_selection]
