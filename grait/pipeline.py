@@ -1211,13 +1211,16 @@ def run_pipeline(
     should_cancel: CancelCheck | None = None,
     until: str | None = None,
     compute_class: str | None = None,
+    elsewhere: dict[str, Callable[[], bool]] | None = None,
 ) -> PipelineResult:
     """Run (or resume) every stage the method needs; return where the adapter and report are.
 
     `until` stops after that stage (e.g. `gradient_features`, to share Stages 1-2 between
     runs that differ only in budget or ranking). `compute_class` plans the job on that class
     first (`grait.planning`) and puts the plan beside the measured time and peak memory per
-    stage in the report.
+    stage in the report. `elsewhere[stage]()` is asked first whenever that stage is due: True
+    means it completed the stage in this run folder itself (Stage 2b in shards over several
+    workers, `merge_feature_shards`); False, the stage runs here as usual.
     """
     if until is not None and until not in STAGES:
         raise ValueError(f"until: unknown stage {until!r}; stages are {', '.join(STAGES)}")
@@ -1259,7 +1262,7 @@ def run_pipeline(
                 PipelineEvent(
                     "stage_skipped",
                     stage,
-                    message="already completed (an earlier attempt, or in shards)",
+                    message="completed in an earlier attempt",
                 )
             )
             if stage == until:
@@ -1267,6 +1270,13 @@ def run_pipeline(
             continue
         if cancel():
             raise Cancelled(f"cancelled before {stage}")
+        if elsewhere and stage in elsewhere and elsewhere[stage]():
+            manifest = _read_manifest(run_dir)
+            assert manifest is not None and stage in manifest["stages"], stage
+            timings[stage] = manifest["stages"][stage]["seconds"]
+            if stage == until:
+                break
+            continue
         out = run.stage_dir(stage)
         shutil.rmtree(out, ignore_errors=True)  # leftovers of an attempt that died mid-stage
         out.mkdir(parents=True)

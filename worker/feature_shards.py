@@ -1,7 +1,7 @@
 """Stage 2b over every free worker of a job's class: the job's worker coordinates, others help.
 
-The job's own attempt runs the pipeline up to the warm-up (checkpointed to the object
-store), writes the shard plan into `feature_shards` rows and invites the class's workers
+When Stage 2b is due (the warm-up is done and checkpointed to the object store), the job's
+own attempt writes the shard plan into `feature_shards` rows and invites the class's workers
 (`app.queue.invite_shard_workers`). Every worker that takes an invitation, and the job's own
 worker alongside them, claims shards one at a time: it computes the shard from the stored
 warm-up, stores the shard's file and marks it done. Once all are done the job's worker
@@ -134,19 +134,17 @@ def coordinate(
     progress: ProgressCallback,
     should_cancel: Callable[[], bool],
 ) -> bool:
-    """The job's own attempt, after the warm-up: Stage 2b in shards, merged into the run
-    folder. False (nothing done) when the job is too small to shard or the stage exists."""
+    """The job's own attempt, when Stage 2b is due (`run_pipeline(elsewhere=...)`): the
+    stage in shards, merged into the run folder. False (nothing done) when sharding is off
+    or the job is too small: the stage then runs in the attempt as usual."""
     from grait.feature_shards import read_shard_meta
     from grait.pipeline import (
-        completed_stages,
         feature_shard_computer,
         feature_shard_plan,
         merge_feature_shards,
     )
 
     if not sharding_enabled(settings, config):
-        return False
-    if any(s["stage"] == "gradient_features" for s in completed_stages(run_dir)):
         return False
     shards, rows = feature_shard_plan(config, run_dir, settings.feature_shard_rows)
     if len(shards) < 2 or rows < settings.feature_shard_min_rows:

@@ -210,7 +210,7 @@ def run_job(message_job_id: str, *, worker_name: str, settings: Settings) -> str
         with Heartbeat(fence):
             from grait.pipeline import RunDirConflict, adopt_run_dir, run_pipeline, stages_for
             from worker.checkpoints import CheckpointUploader, fan_out
-            from worker.feature_shards import coordinate, sharding_enabled
+            from worker.feature_shards import coordinate
 
             shared = storage if settings.checkpoints_in_storage else None
             run_dir, from_store = attempt_run_dir(
@@ -226,22 +226,28 @@ def run_job(message_job_id: str, *, worker_name: str, settings: Settings) -> str
             if shared is not None:
                 reporter = fan_out(reporter, CheckpointUploader(job_id, run_dir, shared, fence))
 
+            def in_shards() -> bool:
+                """Stage 2b over the class's free workers, when the job is large enough."""
+                return coordinate(
+                    job_id,
+                    config,
+                    run_dir,
+                    settings=settings,
+                    storage=storage,
+                    worker=worker_name,
+                    progress=reporter,
+                    should_cancel=flag,
+                )
+
             def run_all() -> Any:
-                common = {"progress": reporter, "should_cancel": flag}
-                plan_on = settings.compute_class
-                if sharding_enabled(settings, config):
-                    # Up to the warm-up here; Stage 2b over the class's free workers.
-                    run_pipeline(config, run_dir, until="warmup", compute_class=plan_on, **common)
-                    coordinate(
-                        job_id,
-                        config,
-                        run_dir,
-                        settings=settings,
-                        storage=storage,
-                        worker=worker_name,
-                        **common,
-                    )
-                return run_pipeline(config, run_dir, compute_class=plan_on, **common)
+                return run_pipeline(
+                    config,
+                    run_dir,
+                    progress=reporter,
+                    should_cancel=flag,
+                    compute_class=settings.compute_class,
+                    elsewhere={"gradient_features": in_shards},
+                )
 
             try:
                 result = run_all()

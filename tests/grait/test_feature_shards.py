@@ -108,3 +108,44 @@ def test_a_shard_needs_the_warmup_and_the_merge_refuses_a_foreign_shard(
     other, _ = feature_shard_plan(cfg, run_dir, rows_per_shard=4)
     with pytest.raises(ValueError, match="not part of this plan"):
         merge_feature_shards(cfg, run_dir, [tmp_path / "out"], other, seconds=1.0)
+
+
+def test_a_stage_completed_elsewhere_is_not_run_again_and_a_refusal_runs_it_here(
+    tiny_model_dir, shared_data, tmp_path
+):
+    cfg = _config(tiny_model_dir, shared_data)
+    calls: list[str] = []
+
+    def in_shards(run_dir: Path) -> bool:
+        calls.append("sharded")
+        shards, _ = feature_shard_plan(cfg, run_dir, rows_per_shard=16)
+        for shard in shards:
+            compute_feature_shard(cfg, run_dir, shard, run_dir / "shards" / str(shard.index))
+        dirs = [run_dir / "shards" / str(s.index) for s in shards]
+        merge_feature_shards(cfg, run_dir, dirs, shards, seconds=2.5)
+        return True
+
+    events: list = []
+    sharded = tmp_path / "sharded"
+    run_pipeline(
+        cfg,
+        sharded,
+        until="selection",
+        progress=events.append,
+        elsewhere={"gradient_features": lambda: in_shards(sharded)},
+    )
+    assert calls == ["sharded"]
+    started = [e.stage for e in events if e.kind == "stage_started"]
+    assert "gradient_features" not in started and "selection" in started
+    manifest = json.loads((sharded / "manifest.json").read_text())
+    assert manifest["stages"]["gradient_features"]["seconds"] == 2.5
+    assert "selection" in manifest["stages"]  # written over the merged stage, not without it
+
+    declined = tmp_path / "declined"
+    run_pipeline(
+        cfg, declined, until="gradient_features", elsewhere={"gradient_features": lambda: False}
+    )
+    assert np.array_equal(
+        np.load(declined / "gradient_features" / "idk_raw.npy"),
+        np.load(sharded / "gradient_features" / "idk_raw.npy"),
+    )
