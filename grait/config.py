@@ -226,10 +226,11 @@ class SelectionConfig(_Strict):
     k = max(0, cos) on centred features. `score`: the paper's linear score
     I_idk − lam·I_ik + mu·VAN − rho·max_sim (a top-n when rho = 0). `neighbourhood`: a random
     order with weights (u/(1−u))^tilt, u the unknown share of a candidate's nearest training
-    questions (random-idk at tilt 0).
+    questions (random-idk at tilt 0). `share`: clusters of all training questions' features;
+    picks apportioned to clusters by (unknowns − lam·knowns), random within a cluster.
     """
 
-    strategy: Literal["coverage", "score", "neighbourhood"] = "coverage"
+    strategy: Literal["coverage", "score", "neighbourhood", "share"] = "coverage"
     lam: float = Field(1.0, description="Weight of the over-refusal (known-sample) term.")
     mu: float = Field(1.0, description="score: weight of the agreement with kept ik answers.")
     rho: float = Field(0.0, description="score: weight of the redundancy penalty.")
@@ -255,7 +256,10 @@ class SelectionConfig(_Strict):
         description="coverage: unknowns/knowns compared against (seeded sample above this).",
     )
     clusters: int | None = Field(
-        None, ge=1, description="stratified-random: clusters; None = about sqrt(n/2)."
+        None,
+        ge=1,
+        description="stratified-random and share: clusters; None = about sqrt(n/2) (n: the "
+        "candidates, or for share all training questions).",
     )
     block_rows: int = Field(
         4096, ge=1, le=1_000_000, description="Rows per block when streaming stored features."

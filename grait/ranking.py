@@ -9,6 +9,9 @@ nested budgets comparable. Rankings:
   I_idk − λ·I_ik + μ·VAN − ρ·redundancy, greedy (`selection.select_idk_samples`).
   Strategy `neighbourhood`: a random order tilted towards candidates whose nearest training
   questions (by centred refusal feature) are mostly unknown (`selection.unknown_share`).
+  Strategy `share`: spherical k-means clusters of every training question's feature; picks
+  apportioned to clusters by unknowns − λ·knowns, random within a cluster
+  (`selection.share_apportioned_order`).
 - `stratified`: round robin over spherical k-means clusters of the same centred features.
 - `certainty` / `correctness` (CRaFT, `grait.craft`): the unknowns its rehearsal did not
   make answerable, least certain (or least correct) first.
@@ -35,6 +38,7 @@ from grait.selection import (
     normalise_rows,
     reference_rows,
     select_idk_samples,
+    share_apportioned_order,
     share_weighted_order,
     spherical_kmeans,
     stratified_random_order,
@@ -134,6 +138,18 @@ def rank_candidates(
             block_rows=cfg.block_rows,
         )
         return Ranking(res.selected, {**terms, "score": _at_pick(res.score, res.selected, n)})
+    if cfg.strategy == "share":
+        rows = np.asarray(sorted(set(idk_rows) | set(ik_rows)), dtype=np.int64)
+        labels = spherical_kmeans(
+            cand_all[rows], cfg.clusters or default_cluster_count(len(rows)), seed=seed
+        )
+        label_of = dict(zip(rows.tolist(), labels.tolist(), strict=True))
+        cand_labels = np.array([label_of[r] for r in idk_rows], dtype=np.int64)
+        known_labels = np.array([label_of[r] for r in ik_rows], dtype=np.int64)
+        order, value = share_apportioned_order(cand_labels, known_labels, lam=cfg.lam, seed=seed)
+        return Ranking(
+            order, {**terms, "cluster": cand_labels.astype(float), "cluster_value": value}
+        )
     if cfg.strategy == "neighbourhood":
         rows = np.asarray(sorted(set(idk_rows) | set(ik_rows)), dtype=np.int64)
         rows = rows[reference_rows(len(rows), cfg.max_references, seed + 2)]

@@ -325,6 +325,53 @@ def stratified_random_order(labels: np.ndarray, *, seed: int) -> list[int]:
     return order
 
 
+def share_apportioned_order(
+    candidate_labels: np.ndarray,
+    known_labels: np.ndarray,
+    *,
+    lam: float,
+    seed: int,
+) -> tuple[list[int], np.ndarray]:
+    """Picks apportioned to clusters by their unknowns minus λ·their knowns; the order and
+    each candidate's cluster value.
+
+    Refusal spreads to a whole cluster (topic, template) of similar questions, known ones
+    included (quality-study.md). A cluster's value V = U − λ·K (U its unknown candidates,
+    K its known training questions) is what refusing all of it gains. Random-idk gives each
+    cluster picks in proportion to U; here the next pick goes to the cluster with the largest
+    V / (its picks + 1) (D'Hondt), so picks are proportional to V and a mostly-known cluster
+    (V ≤ 0) gets none until every positive cluster is exhausted; those come last, highest
+    unknown share first. Within a cluster the order is random, as random-idk's. It uses
+    Stage 1's split and the features' clusters only: no labels a user lacks.
+    """
+    rng = np.random.default_rng(seed)
+    cand = np.asarray(candidate_labels, dtype=np.int64)
+    known = np.asarray(known_labels, dtype=np.int64)
+    clusters = np.unique(np.concatenate([cand, known]))
+    members = {int(c): list(rng.permutation(np.flatnonzero(cand == c))) for c in clusters}
+    unknowns = {c: len(m) for c, m in members.items()}
+    knowns = {int(c): int((known == c).sum()) for c in clusters}
+    value = {c: unknowns[c] - lam * knowns[c] for c in members}
+    tie = {c: rng.random() for c in members}
+    picks = dict.fromkeys(members, 0)
+    order: list[int] = []
+    positive = [c for c in members if value[c] > 0 and members[c]]
+    while positive:
+        best = max(positive, key=lambda c: (value[c] / (picks[c] + 1), tie[c]))
+        order.append(int(members[best].pop()))
+        picks[best] += 1
+        if not members[best]:
+            positive.remove(best)
+    rest = sorted(
+        (c for c in members if members[c]),
+        key=lambda c: (-unknowns[c] / max(unknowns[c] + knowns[c], 1), tie[c]),
+    )
+    for c in rest:
+        order.extend(int(i) for i in reversed(members[c]))
+    per_candidate = np.array([value[int(c)] for c in cand], dtype=np.float64)
+    return order, per_candidate
+
+
 def default_cluster_count(n_candidates: int) -> int:
     """About √(n/2) clusters: a rule of thumb that needs no knowledge of the data's topics."""
     return max(1, round((n_candidates / 2) ** 0.5))

@@ -34,6 +34,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "score λ2 μ-1": ("gradient", {"strategy": "score", "lam": 2.0, "mu": -1.0}),
     "neighbourhood tilt 1": ("gradient", {"strategy": "neighbourhood"}),
     "neighbourhood tilt 2": ("gradient", {"strategy": "neighbourhood", "tilt": 2.0}),
+    "share λ1": ("gradient", {"strategy": "share"}),
+    "share λ0.5": ("gradient", {"strategy": "share", "lam": 0.5}),
     "stratified random": ("stratified", {}),
     "random": ("random", {}),
 }

@@ -11,6 +11,7 @@ from grait.selection import (
     centre_features,
     facility_location_order,
     normalise_rows,
+    share_apportioned_order,
     share_weighted_order,
     spherical_kmeans,
     stratified_random_order,
@@ -198,3 +199,39 @@ def test_neighbourhood_ranking_shares_random_idks_keys_and_records_the_share():
     )
     assert set(tilted.terms) >= {"unknown_share", "i_idk", "i_ik"}
     assert len(tilted.terms["unknown_share"]) == len(idk)
+
+
+def test_share_apportions_picks_by_unknowns_minus_knowns_and_leaves_known_clusters_last():
+    # cluster 0: 12 unknowns, 0 knowns (V 12); cluster 1: 6 unknowns, 2 knowns (V 4);
+    # cluster 2: 2 unknowns, 10 knowns (V -8).
+    cand = np.r_[np.zeros(12), np.ones(6), np.full(2, 2)].astype(int)
+    known = np.r_[np.ones(2), np.full(10, 2)].astype(int)
+    order, value = share_apportioned_order(cand, known, lam=1.0, seed=3)
+    assert sorted(order) == list(range(20))
+    assert value.tolist() == [12.0] * 12 + [4.0] * 6 + [-8.0] * 2
+    first8 = cand[order[:8]]
+    assert (first8 == 0).sum() == 6 and (first8 == 1).sum() == 2  # 12 : 4, as D'Hondt gives
+    assert set(cand[order[-2:]]) == {2}  # the mostly-known cluster only after the others
+    assert share_apportioned_order(cand, known, lam=1.0, seed=3)[0] == order
+    assert share_apportioned_order(cand, known, lam=1.0, seed=4)[0] != order
+    # λ = 0: picks in proportion to the unknowns, as random-idk in expectation.
+    flat, _ = share_apportioned_order(cand, known, lam=0.0, seed=3)
+    assert (cand[flat[:10]] == 0).sum() == 6 and (cand[flat[:10]] == 1).sum() == 3
+
+
+def test_share_ranking_clusters_all_training_questions_and_skips_the_known_cluster():
+    features, _, _ = _features(np.random.default_rng(5))  # three clusters of 6 rows
+    idk = [0, 1, 2, 3, 4, 5, 6, 7, 8, 12]  # cluster 0 all unknown, 1 half, 2 one of 6
+    ik = [9, 10, 11, 13, 14, 15, 16, 17]
+    r = rank_candidates(
+        "gradient",
+        idk_rows=idk,
+        ik_rows=ik,
+        features=features,
+        cfg=SelectionConfig(strategy="share", clusters=3),
+        seed=0,
+    )
+    assert sorted(r.order) == list(range(len(idk)))
+    assert idk[r.order[-1]] == 12  # the lone unknown among knowns goes last
+    assert {idk[i] for i in r.order[:3]} <= set(range(6))  # V 6 against V 0
+    assert set(r.terms) >= {"cluster", "cluster_value", "i_idk"}
