@@ -228,7 +228,7 @@ def help_with_shards(job_id: str, *, worker: str, settings: Settings) -> int:
     """
     from grait.pipeline import adopt_run_dir, feature_shard_computer
     from worker.checkpoints import restore
-    from worker.runner import load_config
+    from worker.job_config import load_config
 
     storage = get_storage(settings)
     folder = settings.runs_dir / job_id / "feature-shard-helper"

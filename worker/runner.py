@@ -16,17 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import selectinload
 
 from app.db import short_session
-from app.jobs.config import build_job_config
 from app.jobs.lifecycle import Fenced, JobStatus, claim_next, finish
-from app.models import Artifact, Dataset, Job, new_id
+from app.models import Artifact, Job, new_id
 from app.settings import Settings
-from app.storage import ObjectNotFound, Storage, get_storage
-from grait.config import JobConfig
+from app.storage import Storage, get_storage
 from grait.data import DataError
 from grait.events import Cancelled
+from worker.job_config import load_config
 from worker.progress import CancelFlag, Heartbeat, ProgressReporter
 
 log = logging.getLogger(__name__)
@@ -49,37 +47,6 @@ def time_limit(job_id: str, settings: Settings) -> int:
     with short_session(settings) as session:
         own = session.scalar(select(Job.time_limit_seconds).where(Job.id == job_id))
     return min(own or settings.max_job_seconds, settings.max_job_seconds)
-
-
-def load_config(job_id: str, *, settings: Settings, storage: Storage) -> JobConfig:
-    with short_session(settings) as session:
-        job = session.scalar(
-            select(Job).where(Job.id == job_id).options(selectinload(Job.datasets))
-        )
-        assert job is not None
-        stored = []
-        for link in job.datasets:
-            dataset = session.get(Dataset, link.dataset_id) if link.dataset_id else None
-            if dataset is None:
-                raise DataError(f"dataset #{link.position}", "the dataset was deleted")
-            stored.append((dataset.storage_key, dataset.filename, dataset.format, link.options))
-        method, base_model, seed = job.method, job.base_model, job.seed
-        hyperparameters = job.hyperparameters
-    # Outside the session: an object store's download may take a while.
-    specs = []
-    for key, filename, fmt, options in stored:
-        try:
-            path = storage.fetch(key)
-        except ObjectNotFound:  # lost behind the service's back
-            raise DataError(filename, "no such file or folder") from None
-        specs.append((str(path), fmt, options))
-    return build_job_config(
-        method=method,
-        base_model=base_model,
-        seed=seed,
-        hyperparameters=hyperparameters,
-        datasets=specs,
-    )
 
 
 # An absolute path (two or more segments) in an error message: the server's layout.

@@ -251,7 +251,7 @@ def test_the_worker_reads_the_job_datasets_from_the_bucket(
 ) -> None:
     """A worker machine shares nothing with the API but the database and the bucket."""
     from app.settings import Settings
-    from worker.runner import load_config
+    from worker.job_config import load_config
 
     worker_machine = S3Storage(
         S3Config(**{**bucket_of(s3_env).config.__dict__, "root": tmp_path / "worker-machine"})
