@@ -197,6 +197,27 @@ def _label(path: Path) -> str:
     return f"{parent}-{stem}" if parent else stem
 
 
+def _with_earlier_profiles(
+    summary_path: Path, results: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """This run's testbeds, plus the other testbeds an earlier run of the study stored.
+
+    Each testbed is a study of its own (its knowing model, Stage 1, seeds), so a study too
+    long for one session runs one `--profiles` at a time, each whole on one machine, and the
+    results folder gathers them. A testbed run again replaces its earlier results.
+    """
+    from bench.quality.tradeoff import PROFILES
+
+    if not summary_path.exists():
+        return results
+    now = {r["profile"] for r in results}
+    earlier = [
+        r for r in json.loads(summary_path.read_text())["results"] if r["profile"] not in now
+    ]
+    order = list(PROFILES)
+    return sorted([*earlier, *results], key=lambda r: order.index(r["profile"]))
+
+
 def main_tradeoff(args: argparse.Namespace) -> int:
     """The trade-off study over both testbeds (see bench/quality/tradeoff.py)."""
     from bench.quality import tradeoff
@@ -270,6 +291,9 @@ def main_tradeoff(args: argparse.Namespace) -> int:
         f"- Hyperparameters: `{json.dumps(hyper, separators=(',', ':'))}`.",
         f"- Study wall time: {time.perf_counter() - started:.0f} s (cached cells count as 0).",
     ]
+    for result in results:
+        result["header"] = header
+    results = _with_earlier_profiles(args.results_dir / name / "summary.json", results)
     paths = write_study(args.results_dir / name, results, header=header, n_boot=args.bootstrap)
     _log(f"wrote {paths['md']}")
     print(paths["md"].read_text())

@@ -357,7 +357,8 @@ def write_study(
     for result in results:
         summary = summarise_profile(result, n_boot)
         summaries.append(summary)
-        sections.append(render(summary, result, header))
+        # A testbed run in an earlier session keeps the header of its own run.
+        sections.append(render(summary, result, result.get("header", header)))
         plot(summary, result["methods"], out_dir / f"tradeoff_{result['profile']}.png")
     md = out_dir / "results.md"
     md.write_text("# Refusal trade-off study\n\n" + "\n".join(sections))

@@ -147,7 +147,9 @@ def test_tradeoff_smoke_writes_curves_areas_and_plots(tmp_path: Path) -> None:
     from bench.quality.cli import main
 
     argv = ["--setting", "tradeoff", "--smoke", "--seeds", "2", "--results-dir", str(tmp_path)]
-    assert main([*argv, "--bootstrap", "50"]) == 0
+    # One testbed per run (a long study spans sessions): the folder gathers both.
+    assert main([*argv, "--profiles", "uniform", "--bootstrap", "50"]) == 0
+    assert main([*argv, "--profiles", "topic", "--bootstrap", "50"]) == 0
     out = tmp_path / "smoke-tradeoff"
     md = (out / "results.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
