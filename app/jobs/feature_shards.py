@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.orm import Session
 
 from app.db import short_session
 from app.jobs.lifecycle import JobStatus, db_now
@@ -30,6 +31,14 @@ PENDING, RUNNING, DONE = "pending", "running", "done"
 class Claimed:
     shard: int
     spec: dict[str, Any]
+
+
+def _job_running(session: Session, job_id: str) -> bool:
+    """Shards are claimed and renewed only while their job runs (not queued, not stopped)."""
+    return (
+        session.scalar(select(Job.id).where(Job.id == job_id, Job.status == JobStatus.RUNNING))
+        is not None
+    )
 
 
 def prepare(settings: Settings, job_id: str, specs: list[dict[str, Any]]) -> int:
@@ -61,10 +70,7 @@ def claim(
     """Take the first shard nobody holds: pending (for at least `pending_for` seconds since
     the plan was made) or running on a lease that ran out."""
     with short_session(settings) as session:
-        running = session.scalar(
-            select(Job.id).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
-        )
-        if running is None:
+        if not _job_running(session, job_id):
             return None
         now = db_now(session)
         free = or_(
@@ -104,10 +110,7 @@ def renew(settings: Settings, job_id: str, shard: int, worker: str) -> bool:
     """Extend this worker's lease; False when the shard or its job is no longer its to compute
     (the job stopped, or the lease ran out and another worker took the shard)."""
     with short_session(settings) as session:
-        running = session.scalar(
-            select(Job.id).where(Job.id == job_id, Job.status == JobStatus.RUNNING)
-        )
-        if running is None:
+        if not _job_running(session, job_id):
             return False
         now = db_now(session)
         return bool(

@@ -41,6 +41,34 @@ def _node(env: dict[str, str], root: Path, name: str) -> dict[str, str]:
     return {**env, "GRAIT_STORAGE_DIR": str(home / "cache"), "GRAIT_RUNS_DIR": str(home / "runs")}
 
 
+def _start_cluster(
+    env: dict[str, str], root: Path, logs_dir: Path, tag: str, workers: tuple[str, ...]
+) -> dict[str, Any]:
+    """An API and workers as separate processes on their own queue and Redis keys, so no
+    session worker takes their jobs and what a killed worker holds stays out of the session's
+    unacked count."""
+    shared = {
+        **env,
+        "GRAIT_QUEUE": f"{tag}-{uuid.uuid4().hex[:8]}",
+        "GRAIT_BROKER_KEY_PREFIX": f"grait-{tag}-{uuid.uuid4().hex[:8]}:",
+    }
+    api, url = start_api(_node(shared, root, "api"), logs_dir, name=f"api-{tag}")
+    nodes = {
+        name: Worker(
+            _node(shared, root, name), logs_dir, log_name=f"worker-{name}", name=f"{name}@%h"
+        )
+        for name in workers
+    }
+    key = make_key(shared, tag)
+    return {"url": url, "key": key, "workers": nodes, "root": root, "env": shared, "api": api}
+
+
+def _stop_cluster(cluster: dict[str, Any]) -> None:
+    for worker in cluster["workers"].values():
+        worker.stop()
+    cluster["api"].stop()
+
+
 @pytest.fixture(scope="module")
 def cluster(
     service_env: dict[str, str],
@@ -50,26 +78,10 @@ def cluster(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("machines")
-    shared = {
-        **service_env,
-        **s3_settings(s3_endpoint, s3_bucket, root / "unused"),
-        # Their own queue and Redis keys: no session worker takes these jobs, and the message
-        # worker A holds when it is killed stays out of the session's unacked count.
-        "GRAIT_QUEUE": f"nodes-{uuid.uuid4().hex[:8]}",
-        "GRAIT_BROKER_KEY_PREFIX": f"grait-nodes-{uuid.uuid4().hex[:8]}:",
-    }
-    api, url = start_api(_node(shared, root, "api"), logs_dir, name="api-nodes")
-    workers = {
-        name: Worker(
-            _node(shared, root, name), logs_dir, log_name=f"worker-{name}", name=f"{name}@%h"
-        )
-        for name in ("a", "b")
-    }
-    key = make_key(shared, "nodes")
-    yield {"url": url, "key": key, "workers": workers, "root": root}
-    for worker in workers.values():
-        worker.stop()
-    api.stop()
+    env = {**service_env, **s3_settings(s3_endpoint, s3_bucket, root / "unused")}
+    started = _start_cluster(env, root, logs_dir, "nodes", ("a", "b"))
+    yield started
+    _stop_cluster(started)
 
 
 def test_a_job_killed_on_one_worker_resumes_on_another_from_its_last_stage(
@@ -134,28 +146,17 @@ def shard_cluster(
     shard crosses machines and the test can say which worker computed what.
     """
     root = tmp_path_factory.mktemp("shard-machines")
-    shared = {
+    env = {
         **service_env,
         **s3_settings(s3_endpoint, s3_bucket, root / "unused"),
-        "GRAIT_QUEUE": f"shards-{uuid.uuid4().hex[:8]}",
-        "GRAIT_BROKER_KEY_PREFIX": f"grait-shards-{uuid.uuid4().hex[:8]}:",
         "GRAIT_FEATURE_SHARD_MIN_ROWS": "1",
         "GRAIT_FEATURE_SHARD_ROWS": "8",
         "GRAIT_FEATURE_SHARD_WAIT_SECONDS": "600",
         "GRAIT_FEATURE_SHARD_LEASE_SECONDS": "5",
     }
-    api, url = start_api(_node(shared, root, "api"), logs_dir, name="api-shards")
-    workers = {
-        name: Worker(
-            _node(shared, root, name), logs_dir, log_name=f"worker-{name}", name=f"{name}@%h"
-        )
-        for name in ("c", "d")
-    }
-    key = make_key(shared, "shards")
-    yield {"url": url, "key": key, "workers": workers, "root": root, "env": shared}
-    for worker in workers.values():
-        worker.stop()
-    api.stop()
+    started = _start_cluster(env, root, logs_dir, "shards", ("c", "d"))
+    yield started
+    _stop_cluster(started)
 
 
 def _selection(client: httpx.Client, job_id: str) -> list[tuple[str, bool, float | None]]:
