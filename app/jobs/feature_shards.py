@@ -106,6 +106,16 @@ def claim(
         return None
 
 
+def _held(job_id: str, shard: int, worker: str) -> tuple[Any, ...]:
+    """The row of a shard this worker holds now (its renewal and its release)."""
+    return (
+        FeatureShard.job_id == job_id,
+        FeatureShard.shard == shard,
+        FeatureShard.state == RUNNING,
+        FeatureShard.worker == worker,
+    )
+
+
 def renew(settings: Settings, job_id: str, shard: int, worker: str) -> bool:
     """Extend this worker's lease; False when the shard or its job is no longer its to compute
     (the job stopped, or the lease ran out and another worker took the shard)."""
@@ -116,12 +126,7 @@ def renew(settings: Settings, job_id: str, shard: int, worker: str) -> bool:
         return bool(
             session.execute(
                 update(FeatureShard)
-                .where(
-                    FeatureShard.job_id == job_id,
-                    FeatureShard.shard == shard,
-                    FeatureShard.state == RUNNING,
-                    FeatureShard.worker == worker,
-                )
+                .where(*_held(job_id, shard, worker))
                 .values(
                     lease_expires_at=now + timedelta(seconds=settings.feature_shard_lease_seconds)
                 )
@@ -151,12 +156,7 @@ def release(settings: Settings, job_id: str, shard: int, worker: str) -> None:
     with short_session(settings) as session:
         session.execute(
             update(FeatureShard)
-            .where(
-                FeatureShard.job_id == job_id,
-                FeatureShard.shard == shard,
-                FeatureShard.state == RUNNING,
-                FeatureShard.worker == worker,
-            )
+            .where(*_held(job_id, shard, worker))
             .values(state=PENDING, worker=None, lease_expires_at=None)
         )
 
