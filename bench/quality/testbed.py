@@ -336,6 +336,19 @@ def _teaching_examples(tok: Any, facts: list[Fact]) -> list[WeightedExample]:
     return out
 
 
+def knowing_model_path(
+    base_model: str, facts: list[Fact], cache_dir: Path, settings: TeachSettings
+) -> Path:
+    """Where the knowing model of this recipe is (or will be) saved."""
+    recipe = {
+        "base_model": base_model,
+        "facts": [(f.id, f.questions[0], f.answer, f.taught) for f in facts],
+        "teach": settings.__dict__,
+    }
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=list).encode()).hexdigest()[:12]
+    return cache_dir / f"knowing-{key}"
+
+
 def knowing_model(
     base_model: str,
     facts: list[Fact],
@@ -345,13 +358,8 @@ def knowing_model(
     log: Any = print,
 ) -> tuple[Path, dict[str, Any]]:
     """Teach the taught facts, merge, save; reuse the saved model when the recipe matches."""
-    recipe = {
-        "base_model": base_model,
-        "facts": [(f.id, f.questions[0], f.answer, f.taught) for f in facts],
-        "teach": settings.__dict__,
-    }
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=list).encode()).hexdigest()[:12]
-    target = cache_dir / f"knowing-{key}"
+    target = knowing_model_path(base_model, facts, cache_dir, settings)
+    key = target.name.removeprefix("knowing-")
     info_path = target / "teaching.json"
     if (target / "config.json").exists() and info_path.exists():
         log(f"testbed: reusing the knowing model {target}")

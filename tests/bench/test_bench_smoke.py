@@ -208,6 +208,21 @@ def test_tradeoff_smoke_runs_craft_with_one_rehearsal_per_seed(tmp_path: Path) -
             manifest = json.loads((cell_dir / "manifest.json").read_text())
             assert "shared_from" in manifest["stages"]["rehearsal"]
 
+    # The refusal-bias study probes that run's adapters again, without training.
+    from bench.quality.bias import main as bias_main
+
+    bias_argv = ["--smoke", "--study", "smoke-tradeoff", "--results-dir", str(tmp_path)]
+    bias_argv += ["--cells", "rtuning:all,random-idk:4,craft:4", "--primary", "random-idk:4"]
+    assert bias_main([*bias_argv, "--name", "smoke-bias", "--bootstrap", "20"]) == 0
+    bias = json.loads((tmp_path / "smoke-bias" / "summary.json").read_text())
+    assert bias["agreement"] == 1.0  # bias 0 is the study's own greedy-equivalent outcome
+    arms = bias["auto"]["arms"]
+    assert {"random-idk b=4 + bias", "random-idk budget auto", "rtuning budget auto"} <= set(arms)
+    assert "random-idk b=4 + bias − random-idk budget auto" in bias["auto"]["differences"]
+    assert set(bias["bias_areas"]) == {"rtuning b=all", "random-idk b=4", "craft b=4"}
+    assert (seed_dir / "random-idk" / "b4" / "first_step.json").exists()
+    assert "Primary" in (tmp_path / "smoke-bias" / "results.md").read_text()
+
 
 def test_fit_smoke_reads_the_fit_check_at_every_checkpoint(tmp_path: Path) -> None:
     from bench.fit import main

@@ -1,0 +1,194 @@
+"""A refusal bias at decoding time: move the operating point without retraining.
+
+A tuned model ranks the questions it cannot answer above those it can far better than its
+greedy decisions show (AUROC of log p(refusal) − log p(gold) 0.93–0.96 on our testbeds,
+while greedy decoding refuses few unknowns at a low over-refusal). The training budget moves
+the operating point only along one curve. This module adds one scalar instead: b is added to
+the logit of the refusal's first token at the first generated position, and decoding is
+greedy otherwise (b = 0 is plain greedy decoding). Raising b refuses more, lowering it less.
+
+`probe_first_step` reads, from the same two teacher-forced passes as
+`grait.refusal_score.probe_refusals` (the refusal and the gold answer as targets), what
+greedy decoding would do at every b; `outcomes_at(probes, b)` then costs no model pass, so a
+whole bias curve and a choice of b for an over-refusal target (`choose_bias`) come from one
+probe. `FirstStepBias` applies the chosen b in `transformers` generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
+
+from grait.batching import budget_batches
+from grait.data import QARecord
+from grait.prompts import Encoded, answer_logits, collate, encode, question_message, render_prompt
+from grait.scoring import Outcome
+
+# Where the gold answer's first token stands at the (unbiased) first step.
+AnswerStart = Literal["top_other", "refusal_token", "not_top"]
+
+
+@dataclass(frozen=True)
+class FirstStep:
+    """What the first generated step decides for one question, and what follows it.
+
+    `margin`: logit of the refusal's first token minus the largest other logit at the first
+    step; greedy decoding starts the refusal iff margin + b > 0. `refusal_rest` / `answer_rest`:
+    whether the later tokens of the refusal / the gold answer are greedy once it has started.
+    """
+
+    margin: float
+    refusal_rest: bool
+    answer_start: AnswerStart
+    answer_rest: bool
+
+    def outcome(self, bias: float = 0.0) -> Outcome:
+        """Greedy decoding's outcome with `bias` on the refusal's first token (exact refusal or
+        exact gold answer; anything else is wrong, as in `probe_refusals`)."""
+        starts_refusal = self.margin + bias > 0
+        if starts_refusal:
+            if self.refusal_rest:
+                return "refused"
+            return (
+                "correct" if self.answer_start == "refusal_token" and self.answer_rest else "wrong"
+            )
+        return "correct" if self.answer_start == "top_other" and self.answer_rest else "wrong"
+
+
+def refusal_first_token(tokenizer: PreTrainedTokenizerBase, prompt: str, refusal: str) -> int:
+    """The token the refusal starts with after `prompt` (tokenised as in training)."""
+    item = encode(tokenizer, prompt, refusal, max_length=1 << 20)
+    return item.ids[item.n_prompt]
+
+
+@torch.no_grad()
+def _pass(
+    model: PreTrainedModel,
+    encoded: Sequence[Encoded],
+    first_tokens: Sequence[int],
+    *,
+    pad_id: int,
+    batch_size: int,
+    token_budget: int | None,
+) -> list[tuple[float, bool, bool, bool]]:
+    """Per item: (first-step margin of its refusal token, target's first token is the top
+    non-refusal token, target's first token is the refusal token, later target tokens greedy)."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
+    batches = budget_batches(
+        order, [len(e.ids) for e in encoded], batch_size=batch_size, token_budget=token_budget
+    )
+    out: dict[int, tuple[float, bool, bool, bool]] = {}
+    for idx in batches:
+        batch = collate([encoded[i] for i in idx], pad_id).to(device)
+        logits, labels = answer_logits(model, batch)
+        logits, labels = logits[:, :-1].float(), labels[:, 1:]
+        mask = labels != -100
+        first = mask.float().argmax(dim=1)  # column of each row's first target token
+        rows = torch.arange(len(idx), device=device)
+        step = logits[rows, first]  # [B, vocab]: the first generated step
+        r1 = torch.tensor([first_tokens[i] for i in idx], device=device)
+        t1 = labels[rows, first]
+        ref_logit = step[rows, r1]
+        others = step.clone()
+        others[rows, r1] = float("-inf")
+        margin = ref_logit - others.max(dim=1).values
+        top_other = (others.argmax(dim=1) == t1) & (t1 != r1)
+        is_ref = t1 == r1
+        safe = labels.clamp(min=0)
+        hit = (logits.argmax(dim=-1) == safe) | ~mask
+        hit[rows, first] = True  # the first step is judged by the margin, not here
+        rest = hit.all(dim=1)
+        for j, i in enumerate(idx):
+            out[i] = (float(margin[j]), bool(top_other[j]), bool(is_ref[j]), bool(rest[j]))
+    return [out[i] for i in range(len(encoded))]
+
+
+def probe_first_step(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[QARecord],
+    *,
+    refusal: str,
+    batch_size: int = 32,
+    token_budget: int | None = None,
+    max_length: int = 512,
+) -> list[FirstStep]:
+    """Two teacher-forced passes per question under the RAIT (refusal-allowed) prompt."""
+    prompts = [
+        render_prompt(tokenizer, question_message(r, allow_refusal=True, refusal=refusal))
+        for r in records
+    ]
+    refuse = [encode(tokenizer, p, refusal, max_length=max_length) for p in prompts]
+    answer = [
+        encode(tokenizer, p, r.answer_text, max_length=max_length) for p, r in zip(prompts, records)
+    ]
+    first = [e.ids[e.n_prompt] for e in refuse]
+    kw = {"pad_id": tokenizer.pad_token_id, "batch_size": batch_size, "token_budget": token_budget}
+    ref = _pass(model, refuse, first, **kw)
+    ans = _pass(model, answer, first, **kw)
+    probes = []
+    for (margin, _, _, ref_rest), (_, top_other, is_ref, ans_rest) in zip(ref, ans):
+        start: AnswerStart = "refusal_token" if is_ref else "top_other" if top_other else "not_top"
+        probes.append(FirstStep(margin, ref_rest, start, ans_rest))
+    return probes
+
+
+def outcomes_at(probes: Sequence[FirstStep], bias: float) -> list[Outcome]:
+    return [p.outcome(bias) for p in probes]
+
+
+def refused_at(probes: Sequence[FirstStep], biases: Sequence[float]) -> np.ndarray:
+    """[len(biases), len(probes)] bool: refused at each bias."""
+    margin = np.array([p.margin for p in probes])
+    rest = np.array([p.refusal_rest for p in probes])
+    b = np.asarray(biases, dtype=float)[:, None]
+    return (margin[None, :] + b > 0) & rest[None, :]
+
+
+def choose_bias(probes: Sequence[FirstStep], known: Sequence[bool], target: float) -> float:
+    """The most refusing b whose over-refusal on these questions stays within `target`.
+
+    A known question is refused once b passes −margin (if the refusal would then finish);
+    with k = ⌊target · n_known⌋ allowed, b sits halfway between the k-th and the (k+1)-th
+    such threshold, so exactly k known questions here are refused and the b chosen is not on
+    a threshold of its own. With fewer than k+1 refusable known questions, b sits one logit
+    above every question's threshold: refuse wherever the model can.
+    """
+    known_arr = np.asarray(known, dtype=bool)
+    if len(known_arr) != len(probes):
+        raise ValueError("one known flag per probe")
+    margin = np.array([p.margin for p in probes])
+    rest = np.array([p.refusal_rest for p in probes])
+    allowed = int(np.floor(target * int(known_arr.sum()) + 1e-9))
+    thresholds = np.sort(-margin[known_arr & rest])
+    if allowed < len(thresholds):
+        upper = thresholds[allowed]
+        lower = thresholds[allowed - 1] if allowed > 0 else upper - 2.0
+        return float((lower + upper) / 2)
+    return float(np.max(-margin) + 1.0) if len(margin) else 0.0
+
+
+class FirstStepBias(LogitsProcessor):
+    """`transformers` generation with b added to one token's logit at the first new position.
+
+    Pass it in `logits_processor=LogitsProcessorList([FirstStepBias(token, b, prompt_len)])`;
+    `prompt_len` is the padded prompt width of the batch (left padding), so the first call
+    whose input is that wide is the first generated step.
+    """
+
+    def __init__(self, token_id: int, bias: float, prompt_len: int) -> None:
+        self.token_id = token_id
+        self.bias = bias
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] == self.prompt_len and self.bias != 0.0:
+            scores = scores.clone()
+            scores[:, self.token_id] += self.bias
+        return scores
