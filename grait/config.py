@@ -414,6 +414,28 @@ class EvalConfig(_Strict):
     eval_base_refuse_prompt: bool = Field(
         True, description="Also report the base model told it may refuse (Init-Refuse)."
     )
+    bias_curve: bool = Field(
+        True,
+        description="Also report what a refusal bias would do on each eval set (two "
+        "teacher-forced passes per question): the bias meeting each over-refusal level.",
+    )
+
+
+class DecodingConfig(_Strict):
+    """How the tuned model decodes, in our evaluation and wherever its adapter is served.
+
+    `refusal_bias` is added to the logit of the refusal's first token at the first generated
+    position (greedy otherwise): above 0 it refuses more, below 0 less, with no retraining.
+    It is stored with the adapter (`decoding.json`); the report's "Refusal bias" table shows
+    what each value does on the eval sets (grait/refusal_bias.py).
+    """
+
+    refusal_bias: float = Field(
+        0.0,
+        ge=-30.0,
+        le=30.0,
+        description="Logit bias on the refusal's first token at the first step (0 = greedy).",
+    )
 
 
 class LoadingConfig(_Strict):
@@ -465,6 +487,7 @@ class JobConfig(_Strict):
     craft: CraftConfig = Field(default_factory=CraftConfig, description="craft* methods only.")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    decoding: DecodingConfig = Field(default_factory=DecodingConfig)
 
     @field_validator("knowledge")
     @classmethod

@@ -39,8 +39,10 @@ def answer_and_score(
     max_new_tokens: int,
     batch_size: int,
     token_budget: int | None = None,
+    first_step_bias: tuple[int, float] | None = None,
     tick: Callable[[int], None] | None = None,
 ) -> EvalRun:
+    """Greedy answers scored; `first_step_bias` = (refusal's first token, refusal bias)."""
     prompts = [
         render_prompt(tokenizer, question_message(r, allow_refusal=allow_refusal, refusal=refusal))
         for r in records
@@ -52,6 +54,7 @@ def answer_and_score(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         token_budget=token_budget,
+        first_step_bias=first_step_bias,
         tick=tick,
     )
     return EvalRun(responses, [score_response(r, text) for r, text in zip(records, responses)])

@@ -6,9 +6,33 @@ from collections.abc import Callable, Sequence
 from typing import overload
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from grait.batching import budget_batches
+
+
+class FirstStepBias(LogitsProcessor):
+    """Adds `bias` to one token's logit at the first generated position only.
+
+    `prompt_len` is the (left-padded) prompt width of the batch: the first call sees exactly
+    that many columns. Used for the refusal bias (grait.refusal_bias).
+    """
+
+    def __init__(self, token_id: int, bias: float, prompt_len: int) -> None:
+        self.token_id = token_id
+        self.bias = bias
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] == self.prompt_len and self.bias != 0.0:
+            scores = scores.clone()
+            scores[:, self.token_id] += self.bias
+        return scores
 
 
 @overload
@@ -22,6 +46,7 @@ def generate(
     token_budget: int | None = None,
     num_samples: None = None,
     temperature: float = 1.0,
+    first_step_bias: tuple[int, float] | None = None,
     tick: Callable[[int], None] | None = None,
 ) -> list[str]: ...
 
@@ -37,6 +62,7 @@ def generate(
     token_budget: int | None = None,
     num_samples: int,
     temperature: float = 1.0,
+    first_step_bias: tuple[int, float] | None = None,
     tick: Callable[[int], None] | None = None,
 ) -> list[list[str]]: ...
 
@@ -52,6 +78,7 @@ def generate(
     token_budget: int | None = None,
     num_samples: int | None = None,
     temperature: float = 1.0,
+    first_step_bias: tuple[int, float] | None = None,
     tick: Callable[[int], None] | None = None,
 ) -> list[str] | list[list[str]]:
     """Greedy when `num_samples` is None (one string per prompt), else that many samples each.
@@ -59,7 +86,8 @@ def generate(
     Prompts are sorted by length so a batch pads little; results come back in input order.
     A batch holds at most `batch_size` prompts and, with `token_budget`, at most that many
     padded tokens: rows (prompts x samples) x (longest prompt + `max_new_tokens`), the
-    length the KV cache reaches.
+    length the KV cache reaches. `first_step_bias=(token, b)` adds b to that token's logit at
+    the first generated position (grait.refusal_bias: the refusal bias).
     """
     device = next(model.parameters()).device
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -84,6 +112,9 @@ def generate(
             ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
             mask[row, width - len(encoded[i]) :] = 1
         sampling = num_samples is not None
+        processors = LogitsProcessorList()
+        if first_step_bias is not None and first_step_bias[1] != 0.0:
+            processors.append(FirstStepBias(*first_step_bias, prompt_len=width))
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -95,6 +126,7 @@ def generate(
             num_return_sequences=num_samples or 1,
             eos_token_id=eos,
             pad_token_id=tokenizer.pad_token_id,
+            logits_processor=processors,
         )
         texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         texts = [t.strip() for t in texts]

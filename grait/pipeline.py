@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from grait.config import FitCheckConfig, JobConfig, LoadingConfig
+from grait.config import DecodingConfig, FitCheckConfig, JobConfig, LoadingConfig
 from grait.craft import KnowledgeSignals, known_by_certainty, rehearsal_rows
 from grait.data import QARecord, load_records, read_jsonl, take, write_jsonl
 from grait.evaluation import EvalRun, answer_and_score, model_entry
@@ -73,6 +73,12 @@ from grait.models import count_parameters, load_base_model, pick_runtime
 from grait.operating_point import OperatingPoint, find_operating_point, write_operating_point
 from grait.prompts import encode_training_pair, first_target_token
 from grait.ranking import Features, rank_candidates, refusal_weights
+from grait.refusal_bias import (
+    bias_curve,
+    probe_first_step,
+    refusal_first_token,
+    write_decoding,
+)
 from grait.refusal_score import probe_refusals
 from grait.report import OPERATING_POINT_PLOT, write_report
 from grait.schedule import resolved_epochs
@@ -130,7 +136,8 @@ def config_hash(config: JobConfig) -> str:
     neighbourhood strategy, `training.auto` when `epochs` is `auto`, `training.fit_check`
     when it differs from its defaults (it changes warnings, never the adapter), `loading`
     when it is not the plain default, `token_budget` (knowledge, evaluation) when set,
-    `features.target_tokens` when not `all`.
+    `features.target_tokens` when not `all`, `decoding` when not the default,
+    `evaluation.bias_curve` when off.
     """
     if config.training.max_steps is not None and config.training.epochs == "auto":
         # Fixed steps make epochs moot: hash as the number that was the default before
@@ -145,8 +152,15 @@ def config_hash(config: JobConfig) -> str:
         knowledge_unused.add("token_budget")
     if knowledge_unused:
         exclude["knowledge"] = knowledge_unused
+    evaluation_unused = set()
     if config.evaluation.token_budget is None:
-        exclude["evaluation"] = {"token_budget"}
+        evaluation_unused.add("token_budget")
+    if config.evaluation.bias_curve:
+        evaluation_unused.add("bias_curve")
+    if evaluation_unused:
+        exclude["evaluation"] = evaluation_unused
+    if config.decoding == DecodingConfig():
+        exclude["decoding"] = True
     if config.loading == LoadingConfig():
         exclude["loading"] = True
     if config.features.target_tokens == "all":
@@ -1039,6 +1053,12 @@ def _stage_training(run: _Run, out: Path) -> dict[str, Any]:
             should_cancel=run.should_cancel,
         )
         peft_model.save_pretrained(out / "adapter")
+        write_decoding(
+            out / "adapter",
+            refusal=cfg.refusal,
+            token_id=refusal_first_token(tok, cfg.refusal),
+            bias=cfg.decoding.refusal_bias,
+        )
         fit = None
         if cfg.training.fit_check.enabled:
             fit = check_fit(
@@ -1078,11 +1098,18 @@ def _stage_evaluation(run: _Run, out: Path, timings: dict[str, float]) -> dict[s
     ev = cfg.evaluation
     model, tok = run.model
     started = time.perf_counter()
-    total = sum(len(recs) for _, recs in run.evals) * (3 if ev.eval_base_refuse_prompt else 2)
+    # Generations (base, base told it may refuse, tuned), then the bias curve's probe.
+    passes = (3 if ev.eval_base_refuse_prompt else 2) + (1 if ev.bias_curve else 0)
+    total = sum(len(recs) for _, recs in run.evals) * passes
     done = 0
     tick_all = run.ticker("evaluation", total)
 
-    def answer(m: PreTrainedModel, recs: list[QARecord], allow_refusal: bool) -> EvalRun:
+    bias = cfg.decoding.refusal_bias
+    first_step = (refusal_first_token(tok, cfg.refusal), bias) if bias else None
+
+    def answer(
+        m: PreTrainedModel, recs: list[QARecord], allow_refusal: bool, *, tuned: bool = False
+    ) -> EvalRun:
         nonlocal done
         base_done = done
         result = answer_and_score(
@@ -1094,6 +1121,7 @@ def _stage_evaluation(run: _Run, out: Path, timings: dict[str, float]) -> dict[s
             max_new_tokens=ev.max_new_tokens,
             batch_size=ev.batch_size,
             token_budget=ev.token_budget,
+            first_step_bias=first_step if tuned else None,
             tick=lambda d: tick_all(base_done + d),
         )
         done += len(recs)
@@ -1105,9 +1133,23 @@ def _stage_evaluation(run: _Run, out: Path, timings: dict[str, float]) -> dict[s
         if ev.eval_base_refuse_prompt:
             runs[name]["base+refuse-prompt"] = answer(model, recs, True)
     adapter = run.stage_dir("training") / "adapter"
+    curves: dict[str, dict[str, Any]] = {}
     with attached_lora(model, adapter_dir=adapter, trainable=False) as tuned:
         for name, recs in run.evals:
-            runs[name][cfg.method] = answer(tuned, recs, True)
+            runs[name][cfg.method] = answer(tuned, recs, True, tuned=True)
+            if ev.bias_curve:
+                probes = probe_first_step(
+                    tuned,
+                    tok,
+                    recs,
+                    refusal=cfg.refusal,
+                    batch_size=ev.batch_size,
+                    token_budget=ev.token_budget,
+                    max_length=cfg.training.max_length,
+                )
+                curves[name] = bias_curve(probes, runs[name]["base"].outcomes, current=bias)
+                done += len(recs)
+                tick_all(done)
 
     # Per question, base and tuned side by side: what a person reads to see which questions
     # the tuned model now refuses and where it still answers wrong (known = the base model
@@ -1141,6 +1183,8 @@ def _stage_evaluation(run: _Run, out: Path, timings: dict[str, float]) -> dict[s
             model_entry(label, r, base_run, seed=cfg.seed) for label, r in runs[name].items()
         ]
         evals.append({"name": name, "kind": recs[0].kind, "models": entries})
+        if name in curves:
+            evals[-1]["refusal_bias"] = curves[name]
         write_jsonl(
             out / f"responses_{_safe(name)}.jsonl",
             (

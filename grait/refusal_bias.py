@@ -11,23 +11,26 @@ greedy otherwise (b = 0 is plain greedy decoding). Raising b refuses more, lower
 `grait.refusal_score.probe_refusals` (the refusal and the gold answer as targets), what
 greedy decoding would do at every b; `outcomes_at(probes, b)` then costs no model pass, so a
 whole bias curve and a choice of b for an over-refusal target (`choose_bias`) come from one
-probe. `FirstStepBias` applies the chosen b in `transformers` generation.
+probe. `grait.generation.generate(first_step_bias=...)` (or `FirstStepBias` in any
+`transformers` generation) decodes with it, and `decoding.json` beside an adapter says which.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grait.batching import budget_batches
 from grait.data import QARecord
 from grait.prompts import Encoded, answer_logits, collate, encode, question_message, render_prompt
-from grait.scoring import Outcome
+from grait.scoring import Outcome, Rates, ths
 
 # Where the gold answer's first token stands at the (unbiased) first step.
 AnswerStart = Literal["top_other", "refusal_token", "not_top"]
@@ -60,10 +63,12 @@ class FirstStep:
         return "correct" if self.answer_start == "top_other" and self.answer_rest else "wrong"
 
 
-def refusal_first_token(tokenizer: PreTrainedTokenizerBase, prompt: str, refusal: str) -> int:
-    """The token the refusal starts with after `prompt` (tokenised as in training)."""
-    item = encode(tokenizer, prompt, refusal, max_length=1 << 20)
-    return item.ids[item.n_prompt]
+def refusal_first_token(tokenizer: PreTrainedTokenizerBase, refusal: str) -> int:
+    """The token the refusal starts with (targets are tokenised apart from the prompt)."""
+    ids = tokenizer(refusal, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"refusal {refusal!r} encodes to no tokens")
+    return int(ids[0])
 
 
 @torch.no_grad()
@@ -174,21 +179,67 @@ def choose_bias(probes: Sequence[FirstStep], known: Sequence[bool], target: floa
     return float(np.max(-margin) + 1.0) if len(margin) else 0.0
 
 
-class FirstStepBias(LogitsProcessor):
-    """`transformers` generation with b added to one token's logit at the first new position.
+# ---- reporting and storing a bias ---------------------------------------------------------
 
-    Pass it in `logits_processor=LogitsProcessorList([FirstStepBias(token, b, prompt_len)])`;
-    `prompt_len` is the padded prompt width of the batch (left padding), so the first call
-    whose input is that wide is the first generated step.
-    """
+DECODING_FILE = "decoding.json"  # beside adapter_config.json: how the adapter decodes
+CURVE_LEVELS = (0.0, 0.05, 0.1, 0.2, 0.3)  # over-refusal levels the report's table shows
 
-    def __init__(self, token_id: int, bias: float, prompt_len: int) -> None:
-        self.token_id = token_id
-        self.bias = bias
-        self.prompt_len = prompt_len
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if input_ids.shape[1] == self.prompt_len and self.bias != 0.0:
-            scores = scores.clone()
-            scores[:, self.token_id] += self.bias
-        return scores
+def write_decoding(adapter_dir: Path, *, refusal: str, token_id: int, bias: float) -> Path:
+    """Record the refusal bias with an adapter, so serving decodes as the report measured."""
+    path = Path(adapter_dir) / DECODING_FILE
+    body = {"refusal": refusal, "refusal_first_token": token_id, "refusal_bias": bias}
+    path.write_text(json.dumps(body, indent=2) + "\n")
+    return path
+
+
+def read_decoding(adapter_dir: Path) -> tuple[int, float] | None:
+    """(token, bias) an adapter asks to decode with; None when it asks for plain greedy."""
+    path = Path(adapter_dir) / DECODING_FILE
+    if not path.exists():
+        return None
+    body = json.loads(path.read_text())
+    bias = float(body.get("refusal_bias", 0.0))
+    return (int(body["refusal_first_token"]), bias) if bias != 0.0 else None
+
+
+def _point(
+    probes: Sequence[FirstStep], known: np.ndarray, base: Sequence[Outcome], bias: float
+) -> dict[str, Any]:
+    """Rates at one bias: over-refusal, unknown refusal, P_c / P_w / P_r and THS."""
+    outcomes = outcomes_at(probes, bias)
+    rates = Rates.from_outcomes(outcomes)
+    refused = np.array([o == "refused" for o in outcomes])
+    return {
+        "bias": round(bias, 4),
+        "over_refusal": float(refused[known].mean()) if known.any() else None,
+        "unknown_refusal": float(refused[~known].mean()) if (~known).any() else None,
+        "correct": rates.correct,
+        "wrong": rates.wrong,
+        "refused": rates.refused,
+        "ths": ths(rates, Rates.from_outcomes(base)),
+    }
+
+
+def bias_curve(
+    probes: Sequence[FirstStep],
+    base: Sequence[Outcome],
+    *,
+    current: float,
+    levels: Sequence[float] = CURVE_LEVELS,
+) -> dict[str, Any]:
+    """What the tuned model does at the bias it decodes with and at the bias meeting each
+    over-refusal level, on one eval set. Known = the base model answers correctly (plain
+    prompt). The levels' biases are fitted to these very questions: the table shows the
+    trade-off a bias offers, not a held-out estimate of it."""
+    known = np.array([o == "correct" for o in base])
+    points = [{"level": None, **_point(probes, known, base, current)}]
+    for level in levels:
+        bias = choose_bias(probes, known, level) if known.any() else current
+        points.append({"level": level, **_point(probes, known, base, bias)})
+    return {
+        "current_bias": current,
+        "n_known": int(known.sum()),
+        "n_unknown": int((~known).sum()),
+        "points": points,
+    }

@@ -13,6 +13,8 @@ sharing classes, and so `report.json` reads back as the same dict. Its shape::
         {
           "name": str,
           "kind": "mcqa" | "oeqa",
+          "refusal_bias": {...},      # optional: what each refusal bias would do (see
+                                      # grait.refusal_bias.bias_curve)
           "models": [                 # the FIRST entry is the base model: the THS reference
             {"name": str, "n": int, "correct": float, "wrong": float, "refused": float,
              "ths": float | None,     # None when undefined (base P_w = 0); may be omitted
@@ -97,6 +99,8 @@ def validate_report(report: dict[str, Any]) -> None:
                 raise ReportError(
                     f"{mwhere}['ths']: expected a finite number or null, got {score!r}"
                 )
+        if "refusal_bias" in ev:
+            _validate_bias_curve(ev["refusal_bias"], f"{where}['refusal_bias']")
     if not isinstance(report.get("timings", {}), dict):
         raise ReportError("report['timings']: expected an object {stage: seconds}")
     if not isinstance(report.get("notes", []), list):
@@ -123,6 +127,19 @@ def _validate_operating_point(op: Any) -> None:
         _check_fraction(point["over_refusal"], f"{pwhere}['over_refusal']")
         if point["unknown_refusal"] is not None:
             _check_fraction(point["unknown_refusal"], f"{pwhere}['unknown_refusal']")
+
+
+def _validate_bias_curve(curve: Any, where: str) -> None:
+    _require(curve, ("current_bias", "n_known", "n_unknown", "points"), where)
+    if not isinstance(curve["points"], list) or not curve["points"]:
+        raise ReportError(f"{where}['points']: expected a non-empty list")
+    for i, point in enumerate(curve["points"]):
+        pwhere = f"{where}['points'][{i}]"
+        _require(point, ("level", "bias", "over_refusal", "unknown_refusal", "refused"), pwhere)
+        for key in ("over_refusal", "unknown_refusal"):
+            if point[key] is not None:
+                _check_fraction(point[key], f"{pwhere}[{key!r}]")
+        _check_fraction(point["refused"], f"{pwhere}['refused']")
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -188,6 +205,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             cells = [_md_escape(model["name"]), str(model["n"])]
             cells += [_cell(model, key) for _, key in _RATES]
             lines.append("| " + " | ".join(cells) + " |")
+        if ev.get("refusal_bias"):
+            lines += _bias_curve_markdown(ev["refusal_bias"])
     if report.get("training"):
         lines += _training_markdown(report["training"])
     timings = report.get("timings") or {}
@@ -220,6 +239,29 @@ def _training_markdown(training: dict[str, Any]) -> list[str]:
             f"{_pct(fit.get('refusal_learned'))} of {fit.get('n_refusal', 0)}; known answers "
             f"given {_pct(fit.get('answers_kept'))} of {fit.get('n_answer', 0)}."
         )
+    return lines
+
+
+def _bias_curve_markdown(curve: dict[str, Any]) -> list[str]:
+    """What other refusal biases would do on this eval set (grait/refusal_bias.py)."""
+    lines = [
+        "",
+        (
+            f"Refusal bias (`decoding.refusal_bias`, now {curve['current_bias']:g}): the logit "
+            "added to the refusal's first token at the first step. Teacher-forced, exact refusal "
+            f"and exact gold answer; known = the base model answered correctly ({curve['n_known']} "
+            f"known, {curve['n_unknown']} unknown). Each level's bias is fitted on these questions, "
+            "so the table shows the trade-off, not a held-out estimate."
+        ),
+        "",
+        "| over-refusal level | bias | over-refusal | unknown refused | P_c | P_w | P_r | THS |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in curve["points"]:
+        level = "current" if p["level"] is None else f"≤ {_pct(p['level'])}"
+        cells = [level, f"{p['bias']:+.2f}", _pct(p["over_refusal"]), _pct(p["unknown_refusal"])]
+        cells += [_fmt(p.get(k)) for k in ("correct", "wrong", "refused", "ths")]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 

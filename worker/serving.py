@@ -147,7 +147,8 @@ class ModelPool:
         self.lock = threading.Lock()
         # name -> [model (a PeftModel once it has adapters), tokenizer]
         self._bases: OrderedDict[str, list[Any]] = OrderedDict()
-        self._adapters: OrderedDict[tuple[str, str], None] = OrderedDict()  # (base, adapter id)
+        # (base, adapter id) -> the adapter's refusal bias (token, b), None for plain greedy
+        self._adapters: OrderedDict[tuple[str, str], tuple[int, float] | None] = OrderedDict()
 
     def loaded(self) -> dict[str, list[str]]:
         return {base: [a for b, a in self._adapters if b == base] for base in self._bases}
@@ -164,8 +165,9 @@ class ModelPool:
         if key in self._adapters:
             self._adapters.move_to_end(key)
         else:
-            model = entry[0] = self._load_adapter(model, adapter)
-            self._adapters[key] = None
+            model, decoding = self._load_adapter(model, adapter)
+            entry[0] = model
+            self._adapters[key] = decoding
         model.set_adapter(adapter.id)
         model.base_model.enable_adapter_layers()
         while len(self._adapters) > self.max_adapters:
@@ -173,6 +175,12 @@ class ModelPool:
             self._bases[old_base][0].delete_adapter(old_id)
             log.info("adapter %s unloaded (least recently used)", old_id)
         return model, tokenizer
+
+    def first_step_bias(self, base_model: str, adapter: Adapter | None) -> tuple[int, float] | None:
+        """The refusal bias a loaded adapter decodes with (its `decoding.json`), if any."""
+        if adapter is None:
+            return None
+        return self._adapters.get((base_model, adapter.id))
 
     def _base(self, name: str) -> list[Any]:
         if name in self._bases:
@@ -209,9 +217,12 @@ class ModelPool:
         except ObjectNotFound:
             raise missing from None
 
-    def _load_adapter(self, model: Any, adapter: Adapter) -> Any:
-        """`model` with the adapter added (the first one wraps the base in a PeftModel)."""
+    def _load_adapter(self, model: Any, adapter: Adapter) -> tuple[Any, tuple[int, float] | None]:
+        """`model` with the adapter added (the first one wraps the base in a PeftModel), and
+        the refusal bias the adapter was tuned and evaluated to decode with."""
         from peft import PeftModel
+
+        from grait.refusal_bias import read_decoding
 
         archive = self._archive(adapter)
         started = time.monotonic()
@@ -229,8 +240,9 @@ class ModelPool:
             else:
                 model = PeftModel.from_pretrained(model, str(folder), adapter_name=adapter.id)
             model.eval()
+            decoding = read_decoding(folder)
         log.info("adapter %s loaded in %.2fs", adapter.id, time.monotonic() - started)
-        return model
+        return model, decoding
 
 
 def _streamer(tokenizer: Any) -> Any:
@@ -254,7 +266,9 @@ def _streamer(tokenizer: Any) -> Any:
 def generate_events(pool: ModelPool, request: GenerateRequest) -> Iterator[dict[str, Any]]:
     """The protocol's events for one request; closing the iterator stops the generation."""
     import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+    from grait.generation import FirstStepBias
 
     stop = threading.Event()
 
@@ -281,6 +295,10 @@ def generate_events(pool: ModelPool, request: GenerateRequest) -> Iterator[dict[
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
         yield {"event": "start", "prompt_tokens": int(ids.shape[1])}
         streamer = _streamer(tokenizer)
+        processors = LogitsProcessorList()
+        bias = pool.first_step_bias(request.base_model, request.adapter)
+        if bias is not None:  # decode as the job's report measured (decoding.refusal_bias)
+            processors.append(FirstStepBias(*bias, prompt_len=int(ids.shape[1])))
         eos = [t for t in {tokenizer.eos_token_id, tokenizer.pad_token_id} if t is not None]
         sampling = request.temperature > 0
         if sampling and request.seed is not None:
@@ -302,6 +320,7 @@ def generate_events(pool: ModelPool, request: GenerateRequest) -> Iterator[dict[
                         pad_token_id=tokenizer.pad_token_id,
                         streamer=streamer,
                         stopping_criteria=StoppingCriteriaList([StopWhenAsked()]),
+                        logits_processor=processors,
                     )
             except BaseException as exc:  # noqa: BLE001 - reported to the caller below
                 failure.append(exc)

@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from grait.config import ALL_LINEAR, JobConfig
+from grait.config import ALL_LINEAR, DecodingConfig, JobConfig
 from grait.events import Cancelled
 from grait.pipeline import RunDirConflict, completed_stages, run_pipeline, stages_for
+from grait.refusal_bias import DECODING_FILE
 from grait.testing import tiny_hyperparameters
 
 
@@ -208,6 +209,22 @@ def test_model_that_always_refuses_has_refusal_rate_one(tiny_model_dir, shared_d
         tuned = ev["models"][-1]
         assert tuned["refused"] == pytest.approx(1.0), ev
         assert tuned["ths"] in (None, pytest.approx(0.0))
+        # The bias curve's teacher-forced "current" point agrees with generation.
+        current = ev["refusal_bias"]["points"][0]
+        assert current["level"] is None and current["bias"] == 0.0
+        assert current["refused"] == pytest.approx(1.0)
+    assert "Refusal bias" in result.artifacts["report_md"].read_text()
+
+    # The same adapter decoding with a strong negative refusal bias refuses nothing, and the
+    # adapter carries the bias it was evaluated with (serving reads it from there).
+    unbiased = cfg.model_copy(update={"decoding": DecodingConfig(refusal_bias=-30.0)})
+    biased = run_pipeline(unbiased, tmp_path / "biased")
+    stored = json.loads((biased.adapter_dir / DECODING_FILE).read_text())
+    assert stored["refusal_bias"] == -30.0 and stored["refusal"] == cfg.refusal
+    for ev in biased.report["evals"]:
+        assert ev["models"][-1]["refused"] == 0.0, ev
+        assert ev["refusal_bias"]["points"][0]["bias"] == -30.0
+        assert ev["refusal_bias"]["points"][0]["refused"] == 0.0
 
 
 def test_until_stops_after_a_stage_and_budgets_come_from_the_spec(
@@ -290,3 +307,23 @@ def test_first_token_features_differ_from_whole_target_ones_and_stay_unit_norm(
     assert np.allclose(norms, 1.0, atol=2e-2)
     cosines = (feats["all"] * feats["first"]).sum(axis=1)
     assert cosines.mean() < 0.999  # a different loss, so different gradients
+
+
+def test_groups_added_later_leave_earlier_specs_hashing_as_before():
+    """Run folders of earlier releases keep resuming: pinned hashes of two plain specs, taken
+    before `decoding` and `evaluation.bias_curve` existed; setting them changes the hash."""
+    from grait.pipeline import config_hash
+
+    spec = {
+        "method": "random-idk",
+        "base_model": "tiny",
+        "train": {"path": "/x/train.jsonl"},
+        "evals": [{"path": "/x/e.jsonl"}],
+    }
+    plain = JobConfig.model_validate(spec)
+    auto = JobConfig.model_validate({**spec, "method": "grait", "knowledge": {"n_idk": "auto"}})
+    assert config_hash(plain) == "9b5918089d3afd7b"
+    assert config_hash(auto) == "81422f91c3126357"
+    biased = JobConfig.model_validate({**spec, "decoding": {"refusal_bias": -2.0}})
+    no_curve = JobConfig.model_validate({**spec, "evaluation": {"bias_curve": False}})
+    assert len({config_hash(plain), config_hash(biased), config_hash(no_curve)}) == 3

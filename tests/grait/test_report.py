@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from grait.report import plot_pw_pc, render_markdown, write_report
+from grait.report import ReportError, plot_pw_pc, render_markdown, validate_report, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -162,3 +162,28 @@ def test_model_entry_carries_paired_bootstrap_intervals():
     assert model_entry("base", base, base)["ci"]["ths"] == pytest.approx(
         [0.0, 0.0]
     )  # paired: base vs itself is 0
+
+
+def test_a_refusal_bias_curve_is_validated_and_rendered(tmp_path):
+    from grait.refusal_bias import FirstStep, bias_curve
+
+    # Four known questions (the base answered them), four unknown; margins spread so each
+    # over-refusal level needs its own bias.
+    probes = [FirstStep(m, True, "top_other", True) for m in (-4.0, -3.0, -2.0, -1.0)]
+    probes += [FirstStep(m, True, "not_top", True) for m in (-2.5, -1.5, -0.5, 0.5)]
+    base = ["correct"] * 4 + ["wrong"] * 4
+    curve = bias_curve(probes, base, current=0.0, levels=(0.0, 0.25, 1.0))
+    current, none_over, quarter, everything = curve["points"]
+    assert (curve["n_known"], curve["n_unknown"]) == (4, 4)
+    assert current["level"] is None and current["unknown_refusal"] == 0.25
+    assert none_over["over_refusal"] == 0.0 and quarter["over_refusal"] == 0.25
+    assert everything["over_refusal"] == 1.0 and everything["unknown_refusal"] == 1.0
+    assert none_over["unknown_refusal"] <= quarter["unknown_refusal"]
+    report = _report()
+    report["evals"][0]["refusal_bias"] = curve
+    write_report(tmp_path, report)
+    md = (tmp_path / "report.md").read_text()
+    assert "Refusal bias (`decoding.refusal_bias`, now 0)" in md and "≤ 25.0%" in md
+    report["evals"][0]["refusal_bias"]["points"][1]["over_refusal"] = 1.5
+    with pytest.raises(ReportError, match=r"refusal_bias'\]\['points'\]\[1\]\['over_refusal'\]"):
+        validate_report(report)

@@ -45,8 +45,11 @@ def test_a_pasted_multiple_choice_question_is_worded_as_in_training(tiny_model: 
     ) == render_prompt(tokenizer, question_message(open_ended, allow_refusal=True, refusal=REFUSAL))
 
 
-def _adapter(tiny_model: Path, folder: Path, seed: int) -> Adapter:
-    """A LoRA with random (not zero) B matrices, packed like a job's adapter artifact."""
+def _adapter(
+    tiny_model: Path, folder: Path, seed: int, *, refusal_bias: float | None = None
+) -> Adapter:
+    """A LoRA with random (not zero) B matrices, packed like a job's adapter artifact (with
+    the pipeline's `decoding.json` when a refusal bias is given)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -56,10 +59,49 @@ def _adapter(tiny_model: Path, folder: Path, seed: int) -> Adapter:
         r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False
     )
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), config).save_pretrained(folder)
+    if refusal_bias is not None:
+        from grait.config import REFUSAL
+        from grait.models import load_tokenizer
+        from grait.refusal_bias import refusal_first_token, write_decoding
+
+        token = refusal_first_token(load_tokenizer(str(tiny_model)), REFUSAL)
+        write_decoding(folder, refusal=REFUSAL, token_id=token, bias=refusal_bias)
     archive = folder.with_suffix(".tar.gz")
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(folder, arcname=f"job-{seed}-adapter")
-    return Adapter(id=f"job-{seed}", archive=str(archive))
+    suffix = "" if refusal_bias is None else "-biased"
+    return Adapter(id=f"job-{seed}{suffix}", archive=str(archive))
+
+
+def test_an_adapter_decodes_with_the_refusal_bias_its_job_stored(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    from grait.config import REFUSAL
+    from grait.models import load_tokenizer
+    from grait.refusal_bias import refusal_first_token
+
+    plain = _adapter(tiny_model, tmp_path / "plain", 5)
+    biased = _adapter(tiny_model, tmp_path / "biased", 5, refusal_bias=30.0)  # same weights
+    pool = ModelPool(device="cpu", max_adapters=2, max_base_models=1)
+    tokenizer = load_tokenizer(str(tiny_model))
+    first = tokenizer.decode([refusal_first_token(tokenizer, REFUSAL)])
+
+    def answer(adapter: Adapter) -> str:
+        request = GenerateRequest(
+            base_model=str(tiny_model),
+            adapter=adapter,
+            messages=[Turn(role="user", content="Who wrote Hamlet?")],
+            max_new_tokens=4,
+            temperature=0,
+        )
+        return "".join(e["text"] for e in generate_events(pool, request) if e["event"] == "delta")
+
+    assert not answer(plain).startswith(first)  # a random LoRA does not start the refusal
+    assert answer(biased).startswith(first)  # +30 on its first token at the first step does
+    assert pool.first_step_bias(str(tiny_model), biased) == (
+        refusal_first_token(tokenizer, REFUSAL),
+        30.0,
+    )
 
 
 def test_the_pool_keeps_the_most_recent_adapters_and_switches_between_them(
