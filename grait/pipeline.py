@@ -73,13 +73,8 @@ from grait.models import count_parameters, load_base_model, pick_runtime
 from grait.operating_point import OperatingPoint, find_operating_point, write_operating_point
 from grait.prompts import encode_training_pair, first_target_token
 from grait.ranking import Features, rank_candidates, refusal_weights
-from grait.refusal_bias import (
-    bias_curve,
-    probe_first_step,
-    refusal_first_token,
-    write_decoding,
-)
-from grait.refusal_score import probe_refusals
+from grait.refusal_bias import bias_curve, refusal_first_token, write_decoding
+from grait.refusal_score import probe_first_step, probe_refusals
 from grait.report import OPERATING_POINT_PLOT, write_report
 from grait.schedule import resolved_epochs
 from grait.scoring import Outcome

@@ -34,6 +34,7 @@ from grait.prompts import (
     question_message,
     render_prompt,
 )
+from grait.refusal_bias import AnswerStart, FirstStep
 from grait.scoring import Outcome
 
 
@@ -182,3 +183,79 @@ def auroc(scores: Sequence[float] | np.ndarray, positive: Sequence[bool] | np.nd
         i = j + 1
     u = ranks[y].sum() - n_pos * (n_pos + 1) / 2
     return float(u / (n_pos * n_neg))
+
+
+# ---- the first step, for the refusal bias (grait.refusal_bias) ------------------------------
+
+
+@torch.no_grad()
+def _pass(
+    model: PreTrainedModel,
+    encoded: Sequence[Encoded],
+    first_tokens: Sequence[int],
+    *,
+    pad_id: int,
+    batch_size: int,
+    token_budget: int | None,
+) -> list[tuple[float, bool, bool, bool]]:
+    """Per item: (first-step margin of its refusal token, target's first token is the top
+    non-refusal token, target's first token is the refusal token, later target tokens greedy)."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
+    batches = budget_batches(
+        order, [len(e.ids) for e in encoded], batch_size=batch_size, token_budget=token_budget
+    )
+    out: dict[int, tuple[float, bool, bool, bool]] = {}
+    for idx in batches:
+        batch = collate([encoded[i] for i in idx], pad_id).to(device)
+        logits, labels = answer_logits(model, batch)
+        logits, labels = logits[:, :-1].float(), labels[:, 1:]
+        mask = labels != -100
+        first = mask.float().argmax(dim=1)  # column of each row's first target token
+        rows = torch.arange(len(idx), device=device)
+        step = logits[rows, first]  # [B, vocab]: the first generated step
+        r1 = torch.tensor([first_tokens[i] for i in idx], device=device)
+        t1 = labels[rows, first]
+        ref_logit = step[rows, r1]
+        others = step.clone()
+        others[rows, r1] = float("-inf")
+        margin = ref_logit - others.max(dim=1).values
+        top_other = (others.argmax(dim=1) == t1) & (t1 != r1)
+        is_ref = t1 == r1
+        safe = labels.clamp(min=0)
+        hit = (logits.argmax(dim=-1) == safe) | ~mask
+        hit[rows, first] = True  # the first step is judged by the margin, not here
+        rest = hit.all(dim=1)
+        for j, i in enumerate(idx):
+            out[i] = (float(margin[j]), bool(top_other[j]), bool(is_ref[j]), bool(rest[j]))
+    return [out[i] for i in range(len(encoded))]
+
+
+def probe_first_step(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[QARecord],
+    *,
+    refusal: str,
+    batch_size: int = 32,
+    token_budget: int | None = None,
+    max_length: int = 512,
+) -> list[FirstStep]:
+    """Two teacher-forced passes per question under the RAIT (refusal-allowed) prompt."""
+    prompts = [
+        render_prompt(tokenizer, question_message(r, allow_refusal=True, refusal=refusal))
+        for r in records
+    ]
+    refuse = [encode(tokenizer, p, refusal, max_length=max_length) for p in prompts]
+    answer = [
+        encode(tokenizer, p, r.answer_text, max_length=max_length) for p, r in zip(prompts, records)
+    ]
+    first = [e.ids[e.n_prompt] for e in refuse]
+    kw = {"pad_id": tokenizer.pad_token_id, "batch_size": batch_size, "token_budget": token_budget}
+    ref = _pass(model, refuse, first, **kw)
+    ans = _pass(model, answer, first, **kw)
+    probes = []
+    for (margin, _, _, ref_rest), (_, top_other, is_ref, ans_rest) in zip(ref, ans):
+        start: AnswerStart = "refusal_token" if is_ref else "top_other" if top_other else "not_top"
+        probes.append(FirstStep(margin, ref_rest, start, ans_rest))
+    return probes

@@ -2,7 +2,7 @@
 
 `python -m bench.quality.bias --study tradeoff-craft --profile topic --name refusal-bias-topic`
 probes chosen cells of a finished `--setting tradeoff` run once more (two teacher-forced
-passes per eval question, `grait.refusal_bias.probe_first_step`; cached per cell as
+passes per eval question, `grait.refusal_score.probe_first_step`; cached per cell as
 `first_step.json`, so the run resumes), checks that bias 0 reproduces the study's own greedy
 outcomes, and writes `bench/results/<name>/{results.md, summary.json}`:
 
@@ -94,7 +94,7 @@ def probe_cells(
 
     from grait.config import REFUSAL
     from grait.models import load_base_model, pick_runtime
-    from grait.refusal_bias import probe_first_step
+    from grait.refusal_score import probe_first_step
     from grait.training import attached_lora
 
     facts = {f.id: f for f in study_facts(study)}

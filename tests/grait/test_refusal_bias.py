@@ -10,23 +10,24 @@ import torch
 from transformers import LogitsProcessorList
 
 from grait.data import QARecord
+from grait.generation import FirstStepBias
 from grait.models import load_base_model, pick_runtime
 from grait.prompts import encode, question_message, render_prompt
 from grait.refusal_bias import (
     FirstStep,
-    FirstStepBias,
     choose_bias,
     outcomes_at,
-    probe_first_step,
     refused_at,
 )
-from grait.refusal_score import probe_refusals
+from grait.refusal_score import probe_first_step, probe_refusals
 
 REFUSAL = "I don't know."
 
 
 def _records(n: int) -> list[QARecord]:
-    return [QARecord(id=f"q{i}", question=f"Who made thing {i}?", aliases=("Ada",)) for i in range(n)]
+    return [
+        QARecord(id=f"q{i}", question=f"Who made thing {i}?", aliases=("Ada",)) for i in range(n)
+    ]
 
 
 def _first_token(model, tok, prompt_ids: list[int], bias: float, token: int) -> int:
@@ -73,7 +74,9 @@ def test_outcome_follows_the_first_step_and_what_comes_after():
     broken = FirstStep(margin=2.0, refusal_rest=False, answer_start="top_other", answer_rest=True)
     assert broken.outcome(0.0) == "wrong"  # starts the refusal but does not finish it
     assert broken.outcome(-3.0) == "correct"
-    shared = FirstStep(margin=1.0, refusal_rest=False, answer_start="refusal_token", answer_rest=True)
+    shared = FirstStep(
+        margin=1.0, refusal_rest=False, answer_start="refusal_token", answer_rest=True
+    )
     assert shared.outcome(0.0) == "correct"  # gold starts with the refusal's token
     assert shared.outcome(-2.0) == "wrong"
     assert FirstStep(-1.0, True, "not_top", True).outcome(0.0) == "wrong"
