@@ -430,12 +430,25 @@ class DecodingConfig(_Strict):
     what each value does on the eval sets (grait/refusal_bias.py).
     """
 
-    refusal_bias: float = Field(
+    refusal_bias: float | Literal["auto"] = Field(
         0.0,
-        ge=-30.0,
-        le=30.0,
-        description="Logit bias on the refusal's first token at the first step (0 = greedy).",
+        description="Logit bias on the refusal's first token at the first step (0 = greedy), "
+        "or `auto`: with `knowledge.n_idk: auto`, each tried budget's trial adapter gets the "
+        "bias that keeps over-refusal on the held-out slice within "
+        "`knowledge.auto.max_over_refusal`, and the budget whose biased trial refuses the most "
+        "held-out unknowns wins, with its bias.",
     )
+
+    @field_validator("refusal_bias", mode="before")
+    @classmethod
+    def _number_or_auto(cls, value: Any) -> Any:
+        """One clear message (and the field's own location) instead of one per union member."""
+        if value == "auto":
+            return value
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not -30.0 <= value <= 30.0:
+            raise ValueError(f"expected a logit bias in [-30, 30] or 'auto', got {value!r}")
+        return float(value)
 
 
 class LoadingConfig(_Strict):
@@ -514,6 +527,25 @@ class JobConfig(_Strict):
         # Raised as a ValidationError so the location names the field: knowledge.n_idk.
         raise ValidationError.from_exception_data(
             "KnowledgeConfig", [InitErrorDetails(type=error, loc=("n_idk",), input="auto")]
+        )
+
+    @field_validator("decoding")
+    @classmethod
+    def _auto_bias_needs_the_auto_budget(
+        cls, value: DecodingConfig, info: ValidationInfo
+    ) -> DecodingConfig:
+        """An `auto` bias is measured on the `auto` budget's held-out slice and trial adapters."""
+        knowledge = info.data.get("knowledge")
+        if value.refusal_bias != "auto" or knowledge is None or knowledge.n_idk == "auto":
+            return value
+        error = PydanticCustomError(
+            "auto_bias_without_auto_budget",
+            "'auto' chooses the refusal bias on the held-out slice that `knowledge.n_idk: auto` "
+            "trains its trial adapters without; set knowledge.n_idk to auto as well (with a "
+            "ranked method; random-idk at fraction 1.0 is R-Tuning), or give a number",
+        )
+        raise ValidationError.from_exception_data(
+            "DecodingConfig", [InitErrorDetails(type=error, loc=("refusal_bias",), input="auto")]
         )
 
     @field_validator("refusal")

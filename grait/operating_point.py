@@ -14,6 +14,11 @@ model, so users state a target instead ("refuse at most 5% of what it knows") an
 4. take the largest budget within the target (none: the smallest tried, with a warning) and
    scale it from the remaining unknowns to all of them.
 
+With `decoding.refusal_bias: auto` step 3 probes each trial's first step instead
+(grait.refusal_bias): the trial gets the bias that keeps the slice's over-refusal within the
+target, every budget is tried (a bias can pull a budget over target back within it), and
+step 4 takes the budget whose biased trial refuses the most held-out unknowns, with its bias.
+
 Torch-free: training and probing come in as callables, so the search and the choice can be
 tested with fakes and the pipeline supplies the real LoRA training and probe.
 """
@@ -24,7 +29,7 @@ import json
 import random
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +40,7 @@ from grait.craft import KnowledgeSignals
 from grait.events import CancelCheck, Cancelled, PipelineEvent, ProgressCallback
 from grait.methods import method_spec
 from grait.ranking import Features, Ranking, rank_candidates, refusal_weights
+from grait.refusal_bias import FirstStep, choose_bias, outcomes_at, refused_at
 from grait.scoring import Outcome
 
 STAGE = "selection"
@@ -46,6 +52,8 @@ _TOLERANCE = 1e-9
 TrainFn = Callable[[list[int], list[tuple[int, float]]], AbstractContextManager[Any]]
 # (model, training rows) -> the teacher-forced outcome of each row, in order.
 ProbeFn = Callable[[Any, list[int]], Sequence[Outcome]]
+# The same rows' first steps (grait.refusal_bias): outcomes at any refusal bias.
+MarginFn = Callable[[Any, list[int]], Sequence[FirstStep]]
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,11 @@ class TriedBudget:
     n_known: int
     n_unknown: int
     within_target: bool
+    # `decoding.refusal_bias: auto`: the bias keeping this trial within the target on the
+    # slice, and the slice's rates when decoding with it.
+    refusal_bias: float | None = None
+    biased_over_refusal: float | None = None
+    biased_unknown_refusal: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,10 +101,12 @@ class OperatingPoint:
     points: list[TriedBudget] = field(default_factory=list)
     chosen: TriedBudget | None = None
     met_target: bool | None = None
+    refusal_bias: float | None = None  # chosen with the budget (`decoding.refusal_bias: auto`)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "budget": self.budget,
+            "refusal_bias": self.refusal_bias,
             "rule": self.rule,
             "reason": self.reason,
             "target_max_over_refusal": self.target,
@@ -161,6 +176,34 @@ def measure(
     )
 
 
+def with_bias(point: TriedBudget, probes: Sequence[FirstStep], target: float) -> TriedBudget:
+    """`point` plus the bias that keeps its slice's over-refusal within `target`, and the
+    slice's rates at that bias (`probes`: the slice's known questions first, as in `measure`)."""
+    known = np.arange(len(probes)) < point.n_known
+    bias = choose_bias(probes, known, target)
+    refused = refused_at(probes, [bias])[0]
+    return replace(
+        point,
+        refusal_bias=bias,
+        biased_over_refusal=float(refused[known].mean()) if known.any() else 0.0,
+        biased_unknown_refusal=float(refused[~known].mean()) if (~known).any() else None,
+    )
+
+
+def choose_biased(points: Sequence[TriedBudget], target: float) -> Choice:
+    """The budget whose biased trial refuses the most held-out unknowns (ties: the smaller).
+
+    Every biased point is within the target on the slice by construction (unless even the
+    smallest bias could not get it there), so budgets compete on unknown refusal alone.
+    """
+    if not points:
+        raise ValueError("no tried budgets to choose from")
+    ordered = sorted(points, key=lambda p: p.budget)
+    best = max(ordered, key=lambda p: (p.biased_unknown_refusal or 0.0, -p.budget))
+    met = (best.biased_over_refusal or 0.0) <= target + _TOLERANCE
+    return Choice(best, met, None)
+
+
 def choose(points: Sequence[TriedBudget], target: float) -> Choice:
     """The largest budget within the target; if none is, the smallest tried."""
     if not points:
@@ -182,12 +225,14 @@ def search(
     target: float,
     should_cancel: CancelCheck,
     on_point: Callable[[int, TriedBudget], None] = lambda i, p: None,
+    stop_over_target: bool = True,
 ) -> list[TriedBudget]:
     """Evaluate budgets in ascending order, stopping after the first one over the target.
 
     Over-refusal grows with the budget, so larger budgets would only be over it too; each
-    trial is a full LoRA training, which makes stopping early the main saving. The cancel
-    check runs before every trial.
+    trial is a full LoRA training, which makes stopping early the main saving. With a refusal
+    bias to choose (`stop_over_target=False`) a budget over the target can still be biased
+    back within it, so every budget is tried. The cancel check runs before every trial.
     """
     points: list[TriedBudget] = []
     for i, budget in enumerate(sorted(budgets)):
@@ -196,7 +241,7 @@ def search(
         point = evaluate(budget)
         points.append(point)
         on_point(i, point)
-        if point.over_refusal > target + _TOLERANCE:
+        if stop_over_target and point.over_refusal > target + _TOLERANCE:
             break
     return points
 
@@ -213,6 +258,15 @@ def explain(choice: Choice, *, target: float, n_all: int, n_remaining: int) -> s
     if n_remaining != n_all:
         head += f" ({p.budget} of the {n_remaining} left after the hold-out, scaled)"
     where = f"over-refusal on {p.n_known} held-out known questions"
+    if p.refusal_bias is not None:
+        unknown = "n/a" if p.biased_unknown_refusal is None else _pct(p.biased_unknown_refusal)
+        return (
+            f"{head} with refusal bias {p.refusal_bias:+.2f}: each tried budget's trial adapter "
+            f"was biased to keep its {where} within {_pct(target)} "
+            f"({'met' if choice.met else 'not met even at the lowest bias'}: "
+            f"{_pct(p.biased_over_refusal or 0.0)}), and this one refused the most held-out "
+            f"unknowns ({unknown}; {_pct(p.unknown_refusal or 0.0)} unbiased)"
+        )
     if choice.met:
         text = (
             f"{head}: the largest tried whose {where} ({_pct(p.over_refusal)}) "
@@ -282,11 +336,15 @@ def find_operating_point(
     emit: ProgressCallback,
     should_cancel: CancelCheck,
     signals: KnowledgeSignals | None = None,
+    margins: MarginFn | None = None,
 ) -> OperatingPoint:
     """Search the budget for `config.knowledge.auto`'s target (see the module docstring).
 
     `split` is Stage 1's split.json; `fallback_budget` the ratio rule's budget, used (with a
     warning) when the held-out slice has too few known questions to measure over-refusal.
+    With `margins` (`decoding.refusal_bias: auto`) each trial is probed at its first step
+    instead, gets its own refusal bias (`with_bias`), every budget is tried, and the choice
+    is `choose_biased`'s.
     """
     auto = config.knowledge.auto
     target = auto.max_over_refusal
@@ -356,25 +414,36 @@ def find_operating_point(
         weights = refusal_weights(ranking, picked, config.weighting, weighted=spec.weighted)
         refusals = [(remaining_unknown[p], float(w)) for p, w in zip(picked, weights)]
         with train(train_known, refusals) as model:
-            outcomes = probe(model, probe_rows)
-        return measure(
+            steps = margins(model, probe_rows) if margins is not None else None
+            outcomes = outcomes_at(steps, 0.0) if steps is not None else probe(model, probe_rows)
+        point = measure(
             budget,
             outcomes,
             len(held_known),
             target=target,
             budget_full=scale_budget(budget, n_all, n_rem),
         )
+        return point if steps is None else with_bias(point, steps, target)
 
     def on_point(i: int, p: TriedBudget) -> None:
         unknown = "n/a" if p.unknown_refusal is None else _pct(p.unknown_refusal)
+        message = (
+            f"auto budget {p.budget_full} ({p.budget} of {n_rem} after the hold-out): "
+            f"over-refusal {_pct(p.over_refusal)}, unknown refusal {unknown}"
+        )
+        if p.refusal_bias is not None:
+            biased = "n/a" if p.biased_unknown_refusal is None else _pct(p.biased_unknown_refusal)
+            message += (
+                f"; with refusal bias {p.refusal_bias:+.2f}: over-refusal "
+                f"{_pct(p.biased_over_refusal or 0.0)}, unknown refusal {biased}"
+            )
         emit(
             PipelineEvent(
                 "progress",
                 STAGE,
                 done=i + 1,
                 total=len(budgets),
-                message=f"auto budget {p.budget_full} ({p.budget} of {n_rem} after the hold-out): "
-                f"over-refusal {_pct(p.over_refusal)}, unknown refusal {unknown}",
+                message=message,
                 data={"auto_point": p.to_json()},
             )
         )
@@ -390,9 +459,14 @@ def find_operating_point(
         )
     )
     points = search(
-        budgets, evaluate, target=target, should_cancel=should_cancel, on_point=on_point
+        budgets,
+        evaluate,
+        target=target,
+        should_cancel=should_cancel,
+        on_point=on_point,
+        stop_over_target=margins is None,
     )
-    choice = choose(points, target)
+    choice = choose(points, target) if margins is None else choose_biased(points, target)
     reason = explain(choice, target=target, n_all=n_all, n_remaining=n_rem)
     if not choice.met:
         emit(PipelineEvent("warning", STAGE, message=f"auto budget missed its target: {reason}"))
@@ -407,6 +481,7 @@ def find_operating_point(
                 "met_target": choice.met,
                 "chosen": choice.point.to_json(),
                 "tried": [p.budget_full for p in points],
+                "refusal_bias": choice.point.refusal_bias,
             },
         )
     )
@@ -422,6 +497,7 @@ def find_operating_point(
         points=points,
         chosen=choice.point,
         met_target=choice.met,
+        refusal_bias=choice.point.refusal_bias,
     )
 
 

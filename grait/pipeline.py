@@ -73,7 +73,13 @@ from grait.models import count_parameters, load_base_model, pick_runtime
 from grait.operating_point import OperatingPoint, find_operating_point, write_operating_point
 from grait.prompts import encode_training_pair, first_target_token
 from grait.ranking import Features, rank_candidates, refusal_weights
-from grait.refusal_bias import bias_curve, refusal_first_token, write_decoding
+from grait.refusal_bias import (
+    FirstStep,
+    bias_curve,
+    read_decoding,
+    refusal_first_token,
+    write_decoding,
+)
 from grait.refusal_score import probe_first_step, probe_refusals
 from grait.report import OPERATING_POINT_PLOT, write_report
 from grait.schedule import resolved_epochs
@@ -937,6 +943,17 @@ def _auto_budget(
             max_length=cfg.training.max_length,
         ).outcomes
 
+    def margins(peft_model: Any, rows: list[int]) -> list[FirstStep]:
+        return probe_first_step(
+            peft_model,
+            tok,
+            [run.train[i] for i in rows],
+            refusal=cfg.refusal,
+            batch_size=cfg.evaluation.batch_size,
+            token_budget=cfg.evaluation.token_budget,
+            max_length=cfg.training.max_length,
+        )
+
     point = find_operating_point(
         cfg,
         split,
@@ -947,6 +964,7 @@ def _auto_budget(
         emit=run.emit,
         should_cancel=run.should_cancel,
         signals=signals,
+        margins=margins if cfg.decoding.refusal_bias == "auto" else None,
     )
     write_operating_point(out / OPERATING_POINT, point)
     return point
@@ -967,6 +985,17 @@ def _training_set(run: _Run) -> list[tuple[int, str, str, float]]:
     kept = chosen.get("known_rows", split["ik_kept"])
     known = [(i, "ik", run.train[i].answer_text, 1.0) for i in kept]
     return known + [(i, "idk", cfg.refusal, w) for i, w in zip(chosen["rows"], chosen["weights"])]
+
+
+def _refusal_bias(run: _Run) -> float:
+    """The bias the adapter decodes with: the spec's number, or the one `auto` chose with the
+    budget (0 when the search fell back to the ratio rule and measured none)."""
+    bias = run.config.decoding.refusal_bias
+    if bias != "auto":
+        return float(bias)
+    path = run.stage_dir("selection") / OPERATING_POINT
+    chosen = json.loads(path.read_text()).get("refusal_bias") if path.exists() else None
+    return float(chosen or 0.0)
 
 
 def _train_settings(cfg: JobConfig, n_examples: int) -> TrainSettings:
@@ -1052,7 +1081,7 @@ def _stage_training(run: _Run, out: Path) -> dict[str, Any]:
             out / "adapter",
             refusal=cfg.refusal,
             token_id=refusal_first_token(tok, cfg.refusal),
-            bias=cfg.decoding.refusal_bias,
+            bias=_refusal_bias(run),
         )
         fit = None
         if cfg.training.fit_check.enabled:
@@ -1099,8 +1128,9 @@ def _stage_evaluation(run: _Run, out: Path, timings: dict[str, float]) -> dict[s
     done = 0
     tick_all = run.ticker("evaluation", total)
 
-    bias = cfg.decoding.refusal_bias
-    first_step = (refusal_first_token(tok, cfg.refusal), bias) if bias else None
+    adapter = run.stage_dir("training") / "adapter"
+    first_step = read_decoding(adapter)  # what the adapter decodes with, wherever it is served
+    bias = first_step[1] if first_step else 0.0
 
     def answer(
         m: PreTrainedModel, recs: list[QARecord], allow_refusal: bool, *, tuned: bool = False
@@ -1127,7 +1157,6 @@ def _stage_evaluation(run: _Run, out: Path, timings: dict[str, float]) -> dict[s
         runs[name] = {"base": answer(model, recs, False)}
         if ev.eval_base_refuse_prompt:
             runs[name]["base+refuse-prompt"] = answer(model, recs, True)
-    adapter = run.stage_dir("training") / "adapter"
     curves: dict[str, dict[str, Any]] = {}
     with attached_lora(model, adapter_dir=adapter, trainable=False) as tuned:
         for name, recs in run.evals:

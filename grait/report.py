@@ -286,27 +286,33 @@ def _operating_point_markdown(op: dict[str, Any]) -> list[str]:
         f"({validation.get('unknown', '?')} held-out unknown); each budget trained a trial "
         f"adapter on the rest (plot: `{OPERATING_POINT_PLOT}`)."
     )
-    lines += [
-        "",
-        target_line,
-        "",
-        "| budget (all data) | budget (after hold-out) | over-refusal | unknown refused | |",
-        "|---:|---:|---:|---:|---|",
-    ]
+    biased = any(p.get("refusal_bias") is not None for p in op["points"])
+    header = "| budget (all data) | budget (after hold-out) | over-refusal | unknown refused |"
+    rule = "|---:|---:|---:|---:|"
+    if biased:
+        header += " refusal bias | over-refusal, biased | unknown refused, biased |"
+        rule += "---:|---:|---:|"
+    lines += ["", target_line, "", header + " |", rule + "---|"]
     chosen = (op.get("chosen") or {}).get("budget_full")
     target = op["target_max_over_refusal"]
     for p in op["points"]:
         mark = "**chosen**" if p["budget_full"] == chosen else ""
-        if not mark and p["over_refusal"] > target + 1e-9:
+        if not mark and not biased and p["over_refusal"] > target + 1e-9:
             mark = "over target"
         cells = [
             str(p["budget_full"]),
             str(p.get("budget", "")),
             _pct(p["over_refusal"]) + _counts(p, "known"),
             _pct(p["unknown_refusal"]) + _counts(p, "unknown"),
-            mark,
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        if biased:
+            bias = p.get("refusal_bias")
+            cells += [
+                "" if bias is None else f"{bias:+.2f}",
+                _pct(p.get("biased_over_refusal")),
+                _pct(p.get("biased_unknown_refusal")),
+            ]
+        lines.append("| " + " | ".join([*cells, mark]) + " |")
     return lines
 
 
@@ -377,8 +383,28 @@ def plot_operating_point(path: Path, op: dict[str, Any]) -> None:
                 xytext=(4, 4),
                 fontsize=8,
             )
+        biased = [p for p in points if p.get("biased_unknown_refusal") is not None]
+        if biased:
+            ax.plot(
+                [p["biased_over_refusal"] for p in biased],
+                [p["biased_unknown_refusal"] for p in biased],
+                "-s",
+                color="tab:green",
+                zorder=2,
+                label="same budgets, refusal bias",
+            )
         chosen = op.get("chosen")
-        if chosen and chosen.get("unknown_refusal") is not None:
+        if chosen and chosen.get("biased_unknown_refusal") is not None:
+            ax.scatter(
+                [chosen["biased_over_refusal"]],
+                [chosen["biased_unknown_refusal"]],
+                marker="*",
+                s=220,
+                color="tab:orange",
+                zorder=3,
+                label=f"chosen: {chosen['budget_full']}, bias {chosen['refusal_bias']:+.2f}",
+            )
+        elif chosen and chosen.get("unknown_refusal") is not None:
             ax.scatter(
                 [chosen["over_refusal"]],
                 [chosen["unknown_refusal"]],

@@ -317,6 +317,56 @@ def test_find_honours_cancellation_between_budgets() -> None:
     assert len(fake.trained) == 1
 
 
+def test_find_with_a_refusal_bias_tries_every_budget_and_biases_each_within_target() -> None:
+    from grait.refusal_bias import FirstStep
+
+    fake = FakeRun(_split())
+
+    def margins(n_refusals: int, rows: list[int]) -> list[FirstStep]:
+        """More refusals trained: every question leans further to refusing; knowns less so."""
+        out = []
+        for i, row in enumerate(rows):
+            if row in fake.known:
+                out.append(FirstStep(-3.0 - i + n_refusals / 10, True, "top_other", True))
+            else:
+                out.append(FirstStep(-1.0 - (i % 7) * 0.5 + n_refusals / 5, True, "not_top", True))
+        return out
+
+    events: list[PipelineEvent] = []
+    op = find_operating_point(
+        _auto_config(),
+        _split(),
+        None,
+        train=fake.train,
+        probe=fake.probe,  # type: ignore[arg-type]
+        margins=margins,  # type: ignore[arg-type]
+        fallback_budget=10,
+        emit=events.append,
+        should_cancel=lambda: False,
+    )
+    budgets = tried_budgets([0.1, 0.25, 0.5, 1.0], op.n_remaining)
+    assert [p.budget for p in op.points] == budgets  # no early stop: a bias can pull one back
+    for p in op.points:
+        assert p.refusal_bias is not None and p.biased_over_refusal is not None
+        assert p.biased_over_refusal <= 0.1 + 1e-9
+    best = max(p.biased_unknown_refusal or 0.0 for p in op.points)
+    assert op.chosen is not None and op.chosen.biased_unknown_refusal == best
+    assert op.refusal_bias == op.chosen.refusal_bias and op.met_target
+    assert f"with refusal bias {op.refusal_bias:+.2f}" in op.reason
+    assert op.to_json()["refusal_bias"] == op.refusal_bias
+    trials = [e for e in events if e.kind == "progress" and "auto_point" in e.data]
+    assert all("with refusal bias" in e.message for e in trials)
+
+
+def test_an_auto_bias_needs_the_auto_budget() -> None:
+    where, message = _error(_spec(decoding={"refusal_bias": "auto"}))
+    assert where == "decoding.refusal_bias" and "knowledge.n_idk" in message
+    cfg = JobConfig.model_validate(
+        _spec(knowledge={"n_idk": "auto"}, decoding={"refusal_bias": "auto"})
+    )
+    assert cfg.decoding.refusal_bias == "auto"
+
+
 # ---- report and CLI -------------------------------------------------------------------------
 
 
@@ -429,3 +479,39 @@ def test_a_tiny_run_with_an_auto_budget(tiny_model_dir: Path, shared_data: Path,
     assert result.report["operating_point"] == op
     assert result.artifacts["operating_point_plot"].read_bytes()[:4] == b"\x89PNG"
     assert "## Refusal budget" in result.artifacts["report_md"].read_text()
+
+
+def test_a_tiny_run_with_an_auto_budget_and_bias(
+    tiny_model_dir: Path, shared_data: Path, tmp_path: Path
+):
+    """`decoding.refusal_bias: auto`: the bias chosen with the budget is the adapter's."""
+    from grait.pipeline import run_pipeline
+    from grait.refusal_bias import DECODING_FILE
+
+    hp = tiny_hyperparameters()
+    hp["knowledge"].update(
+        tau=0.25,
+        n_idk="auto",
+        auto={"validation_fraction": 0.5, "min_validation_known": 1, "fractions": [0.25, 1.0]},
+    )
+    hp["evaluation"]["eval_base_refuse_prompt"] = False
+    cfg = JobConfig.model_validate(
+        {
+            "method": "random-idk",
+            "base_model": str(tiny_model_dir),
+            "train": {"path": str(shared_data / "arc_easy" / "dev.jsonl"), "limit": 24},
+            "evals": [{"path": str(shared_data / "arc_easy" / "test.jsonl"), "limit": 4}],
+            "decoding": {"refusal_bias": "auto"},
+            **hp,
+        }
+    )
+    result = run_pipeline(cfg, tmp_path / "run")
+    op = json.loads(result.artifacts["operating_point"].read_text())
+    assert len(op["points"]) == 2  # both budgets tried
+    assert op["refusal_bias"] is not None and op["refusal_bias"] == op["chosen"]["refusal_bias"]
+    decoding = json.loads((result.adapter_dir / DECODING_FILE).read_text())
+    assert decoding["refusal_bias"] == op["refusal_bias"]
+    (ev,) = result.report["evals"]
+    assert ev["refusal_bias"]["current_bias"] == op["refusal_bias"]
+    md = result.artifacts["report_md"].read_text()
+    assert "unknown refused, biased" in md and "with refusal bias" in md

@@ -134,6 +134,16 @@ def test_auto_budget_stratified_random_and_craft_jobs_are_accepted(
             "hyperparameters.knowledge.n_idk",
             "'auto'",
         ),
+        (
+            {"hyperparameters": {"decoding": {"refusal_bias": "auto"}}},
+            "hyperparameters.decoding.refusal_bias",
+            "knowledge.n_idk to auto",
+        ),
+        (
+            {"hyperparameters": {"decoding": {"refusal_bias": 99}}},
+            "hyperparameters.decoding.refusal_bias",
+            "in [-30, 30] or 'auto'",
+        ),
     ],
 )
 def test_auto_budget_errors_are_422_naming_the_field(
