@@ -32,6 +32,14 @@ def _set_path(tree: dict[str, Any], dotted: str, value: str) -> None:
     node[keys[-1]] = yaml.safe_load(value)
 
 
+def _number(text: str) -> Any:
+    """A number if `text` reads as one, else the text (the spec's validation names the field)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def parse_budget(text: str) -> dict[str, Any]:
     """`--budget`: `auto`, a count (`12`) or a ratio (`ratio:4` = one refusal per 4 knowns).
 
@@ -115,6 +123,12 @@ def _job_config(args: argparse.Namespace) -> JobConfig | None:
         if not isinstance(knowledge, dict):
             raise SystemExit("--budget: the spec's knowledge is not a group")
         knowledge.update(args.budget)
+    if args.refusal_bias is not None:
+        decoding = raw.setdefault("decoding", {})
+        if not isinstance(decoding, dict):
+            raise SystemExit("--refusal-bias: the spec's decoding is not a group")
+        value = args.refusal_bias.strip()
+        decoding["refusal_bias"] = value if value == "auto" else _number(value)
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -232,6 +246,13 @@ def _spec_arguments(p: argparse.ArgumentParser) -> None:
         help="refusal budget: a count of unknowns, auto (the largest whose over-refusal on a "
         "held-out slice stays within knowledge.auto.max_over_refusal), or ratio:R "
         "(one refusal per R kept known questions)",
+    )
+    p.add_argument(
+        "--refusal-bias",
+        metavar="B|auto",
+        help="logit added to the refusal's first token at the first step (decoding."
+        "refusal_bias; >0 refuses more), or auto (with --budget auto: chosen on its held-out "
+        "slice for knowledge.auto.max_over_refusal)",
     )
     p.add_argument(
         "--set",

@@ -515,3 +515,20 @@ def test_a_tiny_run_with_an_auto_budget_and_bias(
     assert ev["refusal_bias"]["current_bias"] == op["refusal_bias"]
     md = result.artifacts["report_md"].read_text()
     assert "unknown refused, biased" in md and "with refusal bias" in md
+
+
+def test_grait_run_refusal_bias_auto_is_validated_like_the_spec(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "t.jsonl").write_text("")
+    out = subprocess.run(
+        [sys.executable, "-m", "grait.cli", "run", "--train", "t.jsonl", "--refusal-bias", "auto"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "decoding.refusal_bias" in out.stderr and "knowledge.n_idk to auto" in out.stderr
