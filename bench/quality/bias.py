@@ -87,7 +87,11 @@ def _cell_from_json(seed: int, method: str, budget: str, probes: list[dict[str, 
 
 
 def probe_cells(
-    study: dict[str, Any], work: Path, knowing: Path, wanted: list[tuple[str, str]]
+    study: dict[str, Any],
+    work: Path,
+    knowing: Path,
+    wanted: list[tuple[str, str]],
+    facts: dict[str, testbed.Fact],
 ) -> tuple[list[Cell], dict[str, float]]:
     """Probe (or reuse) every wanted cell of every seed; returns the cells and probe seconds."""
     from dataclasses import asdict
@@ -97,7 +101,6 @@ def probe_cells(
     from grait.refusal_score import probe_first_step
     from grait.training import attached_lora
 
-    facts = {f.id: f for f in study_facts(study)}
     model, tok = None, None
     cells, seconds = [], {}
     for s in study["seeds"]:
@@ -122,6 +125,43 @@ def probe_cells(
             seconds[f"{s['seed']}/{method}/{budget}"] = stored["seconds"]
             cells.append(_cell_from_json(s["seed"], method, budget, stored["probes"]))
     return cells, seconds
+
+
+def prefetch(
+    profile: str,
+    seeds: list[int],
+    work: Path,
+    knowing: Path,
+    wanted: list[tuple[str, str]],
+    *,
+    n_eval: int = 100,
+    poll_seconds: float = 60.0,
+) -> None:
+    """Probe each wanted cell as soon as the running study has finished it (its `cell.json`),
+    until every one is probed: the report's later run then only reads the caches."""
+    from bench.quality.tradeoff import split_for_seed
+
+    facts = testbed.make_facts(*PROFILES[profile], profile=profile)
+    eval_ids = {s: [f.id for f in split_for_seed(facts, s, n_eval, n_eval)[1]] for s in seeds}
+    study = {"profile": profile, "seeds": [{"seed": s, "eval_ids": eval_ids[s]} for s in seeds]}
+    while True:
+        missing = [
+            (s, m, b)
+            for s in seeds
+            for m, b in wanted
+            if not (work / f"seed{s}" / m / f"b{b}" / "first_step.json").exists()
+        ]
+        ready = [
+            (s, m, b)
+            for s, m, b in missing
+            if (work / f"seed{s}" / m / f"b{b}" / "cell.json").exists()
+        ]
+        for s, m, b in ready:
+            one = {**study, "seeds": [x for x in study["seeds"] if x["seed"] == s]}
+            probe_cells(one, work, knowing, [(m, b)], {f.id: f for f in facts})
+        if len(ready) == len(missing):
+            return
+        time.sleep(poll_seconds)
 
 
 def study_facts(study: dict[str, Any]) -> list[testbed.Fact]:
@@ -374,6 +414,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--primary", default=PRIMARY, help="method:budget of the primary difference")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--smoke", action="store_true", help="on `--setting tradeoff --smoke` output")
+    p.add_argument(
+        "--seeds", metavar="FIRST-LAST", help="only these of the study's seeds (default: all)"
+    )
+    p.add_argument(
+        "--prefetch",
+        metavar="FIRST-LAST",
+        help="while the study runs: probe its seeds' cells as they finish, then exit (no report)",
+    )
     args = p.parse_args(argv)
 
     from bench.quality.cli import DEFAULT_BASE_MODEL
@@ -387,9 +435,31 @@ def main(argv: list[str] | None = None) -> int:
             make_tiny_model(args.results_dir / "cache" / "tiny-model")
         )
         teach = testbed.TeachSettings(epochs=1.0)
+    wanted = [tuple(x.split(":")) for x in args.cells.split(",") if x]
+    if args.prefetch:
+        first, _, last = args.prefetch.partition("-")
+        works = sorted(
+            (args.results_dir / "work" / args.study).glob(f"{args.profile}-*"),
+            key=lambda d: d.stat().st_mtime,
+        )
+        facts = testbed.make_facts(*PROFILES[args.profile], profile=args.profile)
+        knowing = testbed.knowing_model_path(base_model, facts, args.results_dir / "cache", teach)
+        if not works or not (knowing / "config.json").exists():
+            p.error("no running study here to prefetch from")
+        seeds = list(range(int(first), int(last or first) + 1))
+        prefetch(args.profile, seeds, works[-1], knowing, wanted)  # type: ignore[arg-type]
+        return 0
     folder = args.results_dir / args.study
     stored = json.loads((folder / "summary.json").read_text())
     study = next(r for r in stored["results"] if r["profile"] == args.profile)
+    if args.seeds:
+        first, _, last = args.seeds.partition("-")
+        keep = set(range(int(first), int(last or first) + 1))
+        study = {
+            **study,
+            "seeds": [s for s in study["seeds"] if s["seed"] in keep],
+            "cells": [c for c in study["cells"] if c["seed"] in keep],
+        }
     works = sorted(
         (args.results_dir / "work" / args.study).glob(f"{args.profile}-*"),
         key=lambda d: d.stat().st_mtime,
@@ -401,10 +471,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not (knowing / "config.json").exists():
         p.error(f"the study's knowing model is not cached here ({knowing}); run the study first")
-    wanted = [tuple(x.split(":")) for x in args.cells.split(",") if x]
     if args.primary not in {f"{m}:{b}" for m, b in wanted}:
         p.error(f"--primary {args.primary} is not among --cells")
-    cells, seconds = probe_cells(study, works[-1], knowing, wanted)  # type: ignore[arg-type]
+    facts = {f.id: f for f in study_facts(study)}
+    cells, seconds = probe_cells(study, works[-1], knowing, wanted, facts)  # type: ignore[arg-type]
     summary = {
         "profile": args.profile,
         "primary": args.primary,
