@@ -1,11 +1,11 @@
 """A refusal bias at decoding time: move the operating point without retraining.
 
-A tuned model ranks the questions it cannot answer above those it can far better than its
-greedy decisions show (AUROC of log p(refusal) − log p(gold) 0.93–0.96 on our testbeds,
-while greedy decoding refuses few unknowns at a low over-refusal). The training budget moves
-the operating point only along one curve. This module adds one scalar instead: b is added to
-the logit of the refusal's first token at the first generated position, and decoding is
-greedy otherwise (b = 0 is plain greedy decoding). Raising b refuses more, lowering it less.
+The training budget moves a tuned model's operating point (unknowns refused against knowns
+refused) along one curve and costs a training run per point. This module adds one scalar
+instead: b is added to the logit of the refusal's first token at the first generated
+position, and decoding is greedy otherwise (b = 0 is plain greedy decoding). Raising b
+refuses more, lowering it less. How well it trades depends on how well the first-step margin
+separates known from unknown questions; measured in `bench/results/refusal-bias-topic/`.
 
 `grait.refusal_score.probe_first_step` reads, from the same two teacher-forced passes as
 `probe_refusals` (the refusal and the gold answer as targets), what greedy decoding would do
