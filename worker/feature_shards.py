@@ -213,6 +213,7 @@ def coordinate(
         progress=progress,  # its stage_completed stores the merged stage's checkpoint
         workers=workers,
         shard_seconds=[r.seconds for r in rows_now],
+        shard_workers=[r.worker for r in rows_now],  # who computed each (a takeover shows)
     )
     shutil.rmtree(run_dir / SHARDS_DIR, ignore_errors=True)
     storage.delete_prefix(shard_prefix(job_id))
