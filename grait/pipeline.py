@@ -932,27 +932,20 @@ def _auto_budget(
             yield peft_model
         shutil.rmtree(work, ignore_errors=True)
 
+    # Both probes of a trial: the held-out rows under the RAIT prompt, teacher-forced.
+    probe_settings: dict[str, Any] = {
+        "refusal": cfg.refusal,
+        "batch_size": cfg.evaluation.batch_size,
+        "token_budget": cfg.evaluation.token_budget,
+        "max_length": cfg.training.max_length,
+    }
+
     def probe(peft_model: Any, rows: list[int]) -> list[Outcome]:
-        return probe_refusals(
-            peft_model,
-            tok,
-            [run.train[i] for i in rows],
-            refusal=cfg.refusal,
-            batch_size=cfg.evaluation.batch_size,
-            token_budget=cfg.evaluation.token_budget,
-            max_length=cfg.training.max_length,
-        ).outcomes
+        records = [run.train[i] for i in rows]
+        return probe_refusals(peft_model, tok, records, **probe_settings).outcomes
 
     def margins(peft_model: Any, rows: list[int]) -> list[FirstStep]:
-        return probe_first_step(
-            peft_model,
-            tok,
-            [run.train[i] for i in rows],
-            refusal=cfg.refusal,
-            batch_size=cfg.evaluation.batch_size,
-            token_budget=cfg.evaluation.token_budget,
-            max_length=cfg.training.max_length,
-        )
+        return probe_first_step(peft_model, tok, [run.train[i] for i in rows], **probe_settings)
 
     point = find_operating_point(
         cfg,
