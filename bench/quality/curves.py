@@ -6,6 +6,12 @@ of the best unknown-refusal rate any of its budgets reaches with over-refusal <=
 origin counts as a point: refusing nothing). It is what a user who may accept at most x
 over-refusal gets from the method, averaged over the tolerances up to c; 1 is perfect.
 
+Its *separability* d′ = z(unknown refused) − z(known refused) does not depend on where on
+the curve a budget lands: on a binormal ROC every point has the same d′ (AUROC =
+Φ(d′/√2)). The area asks which operating points a method reaches, d′ whether it separates
+unknown from known facts better at all (post hoc, added after six rankings failed to beat
+random by area: see `../results/LEDGER.md`).
+
 Intervals come from a hierarchical bootstrap: resample seeds with replacement, then, within
 each drawn seed, its known and its unknown eval questions with replacement; every method of
 a seed sees the same draw (paired), so differences between methods keep their pairing.
@@ -16,6 +22,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -96,4 +103,34 @@ def area_of(method: str, cap: float = CAP) -> Callable[[SeedCurves, np.ndarray],
 
 def area_difference(a: str, b: str, cap: float = CAP) -> Callable[[SeedCurves, np.ndarray], float]:
     fa, fb = area_of(a, cap), area_of(b, cap)
+    return lambda seed, idx: fa(seed, idx) - fb(seed, idx)
+
+
+_Z = NormalDist().inv_cdf
+
+
+def separability(refused: np.ndarray, known: np.ndarray) -> float:
+    """Binormal d′ of one tuned model's refusals over the given questions.
+
+    Log-linear correction ((count + 0.5) / (n + 1)) keeps rates of 0 and 1 finite.
+    """
+    k, u = refused[known], refused[~known]
+    hit = (u.sum() + 0.5) / (len(u) + 1)
+    false_alarm = (k.sum() + 0.5) / (len(k) + 1)
+    return _Z(float(hit)) - _Z(float(false_alarm))
+
+
+def separability_of(method: str) -> Callable[[SeedCurves, np.ndarray], float]:
+    """Mean d′ over the method's own budgets (a ranked method's last row, "all", is R-Tuning's)."""
+
+    def stat(seed: SeedCurves, idx: np.ndarray) -> float:
+        rows = seed.refused[method][:, idx]
+        own = rows if method == "rtuning" or len(rows) == 1 else rows[:-1]
+        return float(np.mean([separability(r, seed.known[idx]) for r in own]))
+
+    return stat
+
+
+def separability_difference(a: str, b: str) -> Callable[[SeedCurves, np.ndarray], float]:
+    fa, fb = separability_of(a), separability_of(b)
     return lambda seed, idx: fa(seed, idx) - fb(seed, idx)

@@ -5,7 +5,9 @@ reader deciding whether a ranking works needs all of them side by side: six vari
 "not above random" means more together than any one does apart. The ledger reads every
 study's paired area differences (method − baseline, up to 30% over-refusal) and states each
 by the one rule the studies were registered with: *above* or *below* when the 95% interval
-excludes 0, else *neither*.
+excludes 0, else *neither*. Beside it, the same pair's difference in separability d′
+(`curves.separability`, post hoc): whether the method separates unknown from known facts
+better anywhere on the curve, not only at the budgets the area happens to sample.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import md_table
+from bench.quality.curves import hierarchical_ci, separability_difference
+from bench.quality.tradeoff_report import curves_for
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class Comparison:
     settings: str
     registered: bool
     measured: str
+    separability: tuple[float, float, float] | None = None  # d′ difference, low, high
 
     @property
     def reading(self) -> str:
@@ -69,7 +74,19 @@ def _settings(hyper: dict) -> str:
     return ", ".join(changed) or "defaults"
 
 
-def comparisons(results_dir: Path) -> list[Comparison]:
+def _separability(
+    run: dict, eval_set: str, difference: str, n_boot: int
+) -> tuple[float, float, float] | None:
+    """The pair's d′ difference with its seeds-then-questions interval, from the stored cells."""
+    if not run.get("cells") or n_boot <= 0:
+        return None
+    a, b = (m.strip() for m in difference.split(" - "))
+    seeds, _ = curves_for(run, eval_set)
+    point, (low, high) = hierarchical_ci(seeds, separability_difference(a, b), n_boot=n_boot)
+    return point, low, high
+
+
+def comparisons(results_dir: Path, n_boot: int = 1000) -> list[Comparison]:
     """Every area difference in every trade-off study folder under `results_dir`."""
     found: list[Comparison] = []
     for path in sorted(results_dir.glob("*/summary.json")):
@@ -96,6 +113,7 @@ def comparisons(results_dir: Path) -> list[Comparison]:
                             settings=_settings(run.get("hyper", {})),
                             registered=(path.parent / "PREREGISTERED.md").exists(),
                             measured=_measured(run.get("header", []), path.parent),
+                            separability=_separability(run, eval_set, name, n_boot),
                         )
                     )
     return found
@@ -109,6 +127,13 @@ def _seed_range(seeds: tuple[int, ...]) -> str:
     return ", ".join(map(str, seeds))
 
 
+def _interval(value: tuple[float, float, float] | None) -> str:
+    if value is None:
+        return "–"
+    point, low, high = value
+    return f"{point:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
 def render(found: list[Comparison]) -> str:
     """The ledger as Markdown, with a count of readings per baseline."""
     rows = [
@@ -119,6 +144,7 @@ def render(found: list[Comparison]) -> str:
             c.difference,
             f"{c.point:+.3f} [{c.low:+.3f}, {c.high:+.3f}]",
             c.reading,
+            _interval(c.separability),
             _seed_range(c.seeds),
             c.settings,
             "yes" if c.registered else "no",
@@ -134,13 +160,14 @@ def render(found: list[Comparison]) -> str:
             "difference",
             "area diff [95% CI]",
             "reading",
+            "d′ diff [95% CI]",
             "seeds",
             "settings",
             "pre-registered",
             "measured",
         ],
         rows,
-        align="llllllllll",
+        align="lllllllllll",
     )
     tally: dict[str, int] = {"above": 0, "below": 0, "neither": 0}
     for c in found:
@@ -149,7 +176,10 @@ def render(found: list[Comparison]) -> str:
         "# Every trade-off comparison so far\n\n"
         "Paired difference of the trade-off area up to 30% over-refusal (method − baseline;"
         " 95% interval by a seeds-then-questions bootstrap). *above* / *below*: the interval"
-        " excludes 0. Folders without `PREREGISTERED.md` are pilots or secondary reports"
+        " excludes 0. d′ diff: the same pair's difference in separability"
+        " z(unknown refused) − z(known refused), mean over the method's own budgets (post hoc:"
+        " equal d′ means both lie on one ROC, and the area differs only by where the budgets"
+        " land on it). Folders without `PREREGISTERED.md` are pilots or secondary reports"
         " (the CRaFT ablations are registered in `tradeoff-craft/`).\n\n"
         f"{table}\n\n"
         f"Readings: {tally['above']} above, {tally['below']} below, {tally['neither']} neither."
@@ -161,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quality.ledger", description=__doc__)
     p.add_argument("--results-dir", type=Path, default=Path("bench/results"))
     p.add_argument("--write", action="store_true", help="also write <results-dir>/LEDGER.md")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for d′ (0: skip)")
     args = p.parse_args(argv)
-    text = render(comparisons(args.results_dir))
+    text = render(comparisons(args.results_dir, n_boot=args.n_boot))
     print(text)
     if args.write:
         (args.results_dir / "LEDGER.md").write_text(text)

@@ -22,6 +22,9 @@ from bench.quality.curves import (
     area_of,
     hierarchical_ci,
     rates,
+    separability,
+    separability_difference,
+    separability_of,
     ths_per_budget,
 )
 from bench.quality.testbed import relation_of
@@ -102,13 +105,27 @@ def summarise_profile(result: dict[str, Any], n_boot: int) -> dict[str, Any]:
             over = np.array([rates(s.refused[m], s.known, i)[0] for s, i in zip(seeds, full)])
             rec = np.array([rates(s.refused[m], s.known, i)[1] for s, i in zip(seeds, full)])
             th = np.array([ths_per_budget(s, m, i) for s, i in zip(seeds, full)])
+            dp = np.array([[separability(row, s.known) for row in s.refused[m]] for s in seeds])
             entry["curve"][m] = {
                 "budgets": rows or budgets_of[m][0],
                 "over_refusal": over.mean(axis=0).tolist(),
                 "unknown_refused": rec.mean(axis=0).tolist(),
                 "ths": np.nanmean(th, axis=0).tolist(),
                 "ths_seed_sd": np.nanstd(th, axis=0).tolist(),
+                "separability": dp.mean(axis=0).tolist(),
             }
+        # Separability d′ (post hoc, exploratory): does a method separate better at all?
+        entry["separability"] = {
+            m: hierarchical_ci(seeds, separability_of(m), n_boot=n_boot)
+            for m in methods + ["rtuning"]
+        }
+        entry["separability_diff"] = {
+            f"{m} - random-idk": hierarchical_ci(
+                seeds, separability_difference(m, "random-idk"), n_boot=n_boot
+            )
+            for m in methods
+            if m != "random-idk" and "random-idk" in methods
+        }
         # AUROC of the refusal score (unknown vs known), per method and budget, mean over seeds.
         entry["auroc"] = _aurocs(result, ev)
         # THS at each method's best budget (by the seed mean), with its interval.
@@ -263,16 +280,33 @@ def render(summary: dict[str, Any], result: dict[str, Any], header: list[str]) -
                         f"{c['unknown_refused'][i]:.3f}",
                         f"{c['ths'][i]:.3f} ± {c['ths_seed_sd'][i]:.3f}",
                         "–" if au is None else f"{au:.3f}",
+                        f"{c['separability'][i]:.2f}" if "separability" in c else "–",
                     ]
                 )
         lines += [
-            "Curve points (mean over seeds; THS ± seed sd; AUROC of log p(refusal) − log p(gold), unknown vs known):",
+            (
+                "Curve points (mean over seeds; THS ± seed sd; AUROC of log p(refusal) − log p(gold), "
+                "unknown vs known; d′ = z(unknown refused) − z(known refused)):"
+            ),
             "",
             md_table(
-                ["method", "budget", "known refused", "unknown refused", "THS", "AUROC"], rows
+                ["method", "budget", "known refused", "unknown refused", "THS", "AUROC", "d′"],
+                rows,
             ),
             "",
         ]
+        if e.get("separability"):
+            rows = [[m, _fmt(*v)] for m, v in e["separability"].items()]
+            rows += [[k, _fmt(*v)] for k, v in e.get("separability_diff", {}).items()]
+            lines += [
+                (
+                    "Separability d′ of the greedy refusals, mean over a method's own budgets "
+                    "(exploratory, not the registered metric; 95% CI seeds→questions):"
+                ),
+                "",
+                md_table(["method", "d′"], rows),
+                "",
+            ]
         rows = [[m, v["budget"], _fmt(*v["value"])] for m, v in e["ths_best"].items()]
         lines += [
             "THS at each method's best budget:",

@@ -11,6 +11,9 @@ from bench.quality.curves import (
     area_of,
     hierarchical_ci,
     rates,
+    separability,
+    separability_difference,
+    separability_of,
     ths_per_budget,
     tradeoff_area,
 )
@@ -73,3 +76,35 @@ def test_rates_and_ths_per_budget():
     ths = ths_per_budget(seed, "m", np.arange(4))
     # Base: P_c0 = P_w0 = 0.5. Budget 0: P_c 0.5, P_w 0.25 -> 0.25; budget 1: P_c 0.25, P_w 0.
     assert ths.tolist() == pytest.approx([0.25, 0.25])
+
+
+def test_separability_is_the_same_anywhere_on_one_binormal_roc():
+    # d′ = 1: at 10% over-refusal the ROC refuses Φ(1 − 1.2816) = 39% of unknowns, at 30%
+    # Φ(1 − 0.5244) = 68%. Two budgets landing at either point separate equally well.
+    known = np.array([True] * 100 + [False] * 100)
+
+    def refusals(over: int, unknown: int) -> np.ndarray:
+        return np.array([i < over for i in range(100)] + [i < unknown for i in range(100)])
+
+    low, high = separability(refusals(10, 39), known), separability(refusals(30, 68), known)
+    assert low == pytest.approx(1.0, abs=0.05) and high == pytest.approx(1.0, abs=0.05)
+    # Refusing known facts more than unknown ones is negative d′; refusing none stays finite.
+    assert separability(refusals(39, 10), known) == pytest.approx(-low)
+    assert np.isfinite(separability(refusals(0, 0), known))
+
+
+def test_separability_of_a_ranked_method_leaves_out_the_shared_all_row():
+    known = np.array([True, True, False, False])
+    good = np.array([False, False, True, True])  # refuses exactly the unknown facts
+    bad = np.array([True, True, False, False])
+    seed = SeedCurves(
+        known,
+        refused={"grait": np.stack([good, good, bad]), "rtuning": np.stack([bad])},
+        correct={},
+        base_correct=known,
+        base_wrong=~known,
+    )
+    idx = np.arange(4)
+    assert separability_of("grait")(seed, idx) == pytest.approx(separability(good, known))
+    assert separability_of("rtuning")(seed, idx) == pytest.approx(separability(bad, known))
+    assert separability_difference("grait", "rtuning")(seed, idx) > 0
