@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from grait.data import QARecord
 from grait.generation import generate
 from grait.prompts import question_message, render_prompt
-from grait.scoring import Outcome, Rates, bootstrap_ci, score_response, ths
+from grait.scoring import Outcome, Rates, bootstrap_ci, refusal_split, score_response, ths
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,9 @@ def model_entry(
     """A report row: rates, THS against the base model, and bootstrap 95% intervals.
 
     The intervals resample questions, pairing each with the base model's answer to the same
-    question, so THS's interval carries the base rates' own noise too.
+    question, so THS's interval carries the base rates' own noise too. The refusal split
+    (`scoring.refusal_split`) says whether the refusals land on what the base got wrong:
+    over-refusal is the failure RAIT most often ships with, and P_r alone hides it.
     """
     r = run.rates
     ci: dict[str, object] = {
@@ -76,6 +78,7 @@ def model_entry(
         for key in ("correct", "wrong", "refused")
     }
     ci["ths"] = bootstrap_ci(run.outcomes, ths, base=base.outcomes, n_boot=n_boot, seed=seed)
+    split = refusal_split(run.outcomes, base.outcomes)
     return {
         "name": name,
         "n": r.n,
@@ -83,5 +86,8 @@ def model_entry(
         "wrong": r.wrong,
         "refused": r.refused,
         "ths": ths(r, base.rates),
+        "over_refusal": split.over_refusal,
+        "unknown_refusal": split.unknown_refusal,
+        "separability": split.separability,
         "ci": {k: None if v is None else [float(v[0]), float(v[1])] for k, v in ci.items()},
     }

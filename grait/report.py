@@ -18,6 +18,9 @@ sharing classes, and so `report.json` reads back as the same dict. Its shape::
           "models": [                 # the FIRST entry is the base model: the THS reference
             {"name": str, "n": int, "correct": float, "wrong": float, "refused": float,
              "ths": float | None,     # None when undefined (base P_w = 0); may be omitted
+             "over_refusal": float | None,     # optional: refused where the base was right,
+             "unknown_refusal": float | None,  # ... where it was not,
+             "separability": float | None,     # ... and d′ between the two
              "ci": {metric: [low, high] | None}},   # optional bootstrap intervals
           ],
         },
@@ -99,6 +102,14 @@ def validate_report(report: dict[str, Any]) -> None:
                 raise ReportError(
                     f"{mwhere}['ths']: expected a finite number or null, got {score!r}"
                 )
+            for key in ("over_refusal", "unknown_refusal"):
+                if model.get(key) is not None:
+                    _check_fraction(model[key], f"{mwhere}[{key!r}]")
+            d = model.get("separability")
+            if d is not None and not (isinstance(d, int | float) and math.isfinite(d)):
+                raise ReportError(
+                    f"{mwhere}['separability']: expected a finite number or null, got {d!r}"
+                )
         if "refusal_bias" in ev:
             _validate_bias_curve(ev["refusal_bias"], f"{where}['refusal_bias']")
     if not isinstance(report.get("timings", {}), dict):
@@ -168,6 +179,23 @@ def _cell(model: dict[str, Any], key: str) -> str:
     return text
 
 
+_SPLIT_NOTE = (
+    "Refused, base right: over-refusal, refusals of questions the base model answered "
+    "correctly; base wrong: refusals of the rest. d′ = z(base wrong) − z(base right): how "
+    "well the refusals pick out what the base did not know, whatever the amount refused "
+    "(0 = blind)."
+)
+
+
+def _split_cells(model: dict[str, Any]) -> list[str]:
+    d = model.get("separability")
+    return [
+        _pct(model.get("over_refusal")),
+        _pct(model.get("unknown_refusal")),
+        "n/a" if d is None else f"{d:.2f}",
+    ]
+
+
 def _md_escape(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -200,11 +228,21 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"- **{_md_escape(w['code'])}**: {_md_escape(w['message'])}" for w in warnings]
     for ev in report["evals"]:
         lines += ["", f"## {_md_escape(ev['name'])} ({ev['kind'].upper()})", ""]
-        lines += ["| model | n | P_c | P_w | P_r | THS |", "|---|---:|---:|---:|---:|---:|"]
-        for model in ev["models"]:
+        split = any("over_refusal" in m for m in ev["models"][1:])
+        head, align = "| model | n | P_c | P_w | P_r | THS |", "|---|---:|---:|---:|---:|---:|"
+        if split:
+            head += " refused, base right | refused, base wrong | d′ |"
+            align += "---:|---:|---:|"
+        lines += [head, align]
+        for i, model in enumerate(ev["models"]):
             cells = [_md_escape(model["name"]), str(model["n"])]
             cells += [_cell(model, key) for _, key in _RATES]
+            if split:
+                # The first row is the base model itself: the split is of the others.
+                cells += ["–"] * 3 if i == 0 else _split_cells(model)
             lines.append("| " + " | ".join(cells) + " |")
+        if split:
+            lines += ["", _SPLIT_NOTE]
         if ev.get("refusal_bias"):
             lines += _bias_curve_markdown(ev["refusal_bias"])
     if report.get("training"):

@@ -15,6 +15,7 @@ import string
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from statistics import NormalDist
 from typing import Literal, get_args
 
 import numpy as np
@@ -156,6 +157,39 @@ def ths(rates: Rates, base: Rates) -> float | None:
     if base.wrong == 0:
         return None
     return rates.correct - rates.wrong * base.correct / base.wrong
+
+
+@dataclass(frozen=True)
+class RefusalSplit:
+    """Where a tuned model's refusals fall, split by what the base model got right.
+
+    `over_refusal`: refused among the questions the base model answered correctly;
+    `unknown_refusal`: refused among the rest. `separability` is the binormal d′ =
+    z(unknown_refusal) − z(over_refusal): how much better than chance its refusals pick out
+    what the base did not know, whatever the amount it refuses (0: refuses blindly). A rate
+    over an empty side is None, and so is d′ then.
+    """
+
+    over_refusal: float | None
+    unknown_refusal: float | None
+    separability: float | None
+
+
+def refusal_split(outcomes: Sequence[str], base: Sequence[str]) -> RefusalSplit:
+    """The split of `outcomes` by the base model's outcomes on the same questions."""
+    if len(outcomes) != len(base):
+        raise ValueError(f"{len(outcomes)} outcomes against {len(base)} base outcomes")
+    refused = _codes(outcomes) == OUTCOMES.index("refused")
+    known = _codes(base) == OUTCOMES.index("correct")
+    k, u = refused[known], refused[~known]
+    over = float(k.mean()) if len(k) else None
+    unknown = float(u.mean()) if len(u) else None
+    if over is None or unknown is None:
+        return RefusalSplit(over, unknown, None)
+    # Log-linear correction ((count + 0.5) / (n + 1)) keeps rates of 0 and 1 finite.
+    z = NormalDist().inv_cdf
+    d = z((u.sum() + 0.5) / (len(u) + 1)) - z((k.sum() + 0.5) / (len(k) + 1))
+    return RefusalSplit(over, unknown, float(d))
 
 
 def _codes(outcomes: Sequence[str]) -> np.ndarray:

@@ -164,6 +164,34 @@ def test_model_entry_carries_paired_bootstrap_intervals():
     )  # paired: base vs itself is 0
 
 
+def test_model_entry_splits_refusals_by_what_the_base_got_right(tmp_path):
+    from grait.evaluation import EvalRun, model_entry
+
+    # The base answers 10 of 40; the tuned model refuses 2 of those and 24 of the other 30.
+    base = EvalRun(["x"] * 40, ["correct"] * 10 + ["wrong"] * 30)
+    tuned = EvalRun(
+        ["x"] * 40, ["refused"] * 2 + ["correct"] * 8 + ["refused"] * 24 + ["wrong"] * 6
+    )
+    entry = model_entry("tuned", tuned, base)
+    assert entry["over_refusal"] == pytest.approx(0.2)
+    assert entry["unknown_refusal"] == pytest.approx(0.8)
+    assert entry["separability"] > 1.0
+    # Refusing at random, as often on both sides, separates nothing.
+    blind = EvalRun(
+        ["x"] * 40, ["refused"] * 5 + ["correct"] * 5 + ["refused"] * 15 + ["wrong"] * 15
+    )
+    assert model_entry("blind", blind, base)["separability"] == pytest.approx(0.0, abs=0.05)
+
+    report = _report()
+    report["evals"][0]["models"] = [model_entry("base", base, base), entry]
+    text = render_markdown(report)
+    assert "refused, base right | refused, base wrong | d′ |" in text
+    assert "| 20.0% | 80.0% |" in text
+    report["evals"][0]["models"][1]["over_refusal"] = 1.2
+    with pytest.raises(ValueError, match="over_refusal"):
+        write_report(tmp_path, report)
+
+
 def test_a_refusal_bias_curve_is_validated_and_rendered(tmp_path):
     from grait.refusal_bias import FirstStep, bias_curve
 

@@ -243,6 +243,15 @@ def test_a_job_followed_live_in_a_real_browser(
         WebDriverWait(browser, 30).until(
             ec.presence_of_element_located((By.CSS_SELECTOR, "table.report"))
         )
+        # The report splits refusals by what the base model got right (the base row has none).
+        table = browser.find_element(By.CSS_SELECTOR, "table.report")
+        assert "Over-refusal" in table.find_element(By.TAG_NAME, "thead").text
+        base_row, tuned_row = table.find_elements(By.CSS_SELECTOR, "tbody tr")[:2]
+        assert [c.text for c in base_row.find_elements(By.TAG_NAME, "td")][-2:] == ["–", "–"]
+        over, unknown = (c.text for c in tuned_row.find_elements(By.TAG_NAME, "td")[-2:])
+        # A tiny random model gets most questions wrong, so the "base wrong" side has some;
+        # the "base right" side may be empty (then it is a dash, not 0%).
+        assert unknown.endswith("%") and (over.endswith("%") or over == "–")
         rows = browser.find_elements(By.CSS_SELECTOR, "#events tbody tr")
         assert any("Job succeeded" in r.get_attribute("textContent") for r in rows)
         done = browser.find_elements(By.CSS_SELECTOR, "#timeline li.stage-done")
