@@ -186,10 +186,16 @@ def refusal_split(outcomes: Sequence[str], base: Sequence[str]) -> RefusalSplit:
     unknown = float(u.mean()) if len(u) else None
     if over is None or unknown is None:
         return RefusalSplit(over, unknown, None)
-    # Log-linear correction ((count + 0.5) / (n + 1)) keeps rates of 0 and 1 finite.
+    return RefusalSplit(over, unknown, separability(int(u.sum()), len(u), int(k.sum()), len(k)))
+
+
+def separability(refused_unknown: int, n_unknown: int, refused_known: int, n_known: int) -> float:
+    """Binormal d′ = z(unknown refused) − z(known refused), from counts.
+
+    Log-linear correction ((count + 0.5) / (n + 1)) keeps rates of 0 and 1 finite.
+    """
     z = NormalDist().inv_cdf
-    d = z((u.sum() + 0.5) / (len(u) + 1)) - z((k.sum() + 0.5) / (len(k) + 1))
-    return RefusalSplit(over, unknown, float(d))
+    return z((refused_unknown + 0.5) / (n_unknown + 1)) - z((refused_known + 0.5) / (n_known + 1))
 
 
 def _codes(outcomes: Sequence[str]) -> np.ndarray:

@@ -22,9 +22,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import numpy as np
+
+from grait import scoring
 
 CAP = 0.30  # over-refusal up to which the area is taken (fixed before looking at results)
 
@@ -106,18 +107,10 @@ def area_difference(a: str, b: str, cap: float = CAP) -> Callable[[SeedCurves, n
     return lambda seed, idx: fa(seed, idx) - fb(seed, idx)
 
 
-_Z = NormalDist().inv_cdf
-
-
 def separability(refused: np.ndarray, known: np.ndarray) -> float:
-    """Binormal d′ of one tuned model's refusals over the given questions.
-
-    Log-linear correction ((count + 0.5) / (n + 1)) keeps rates of 0 and 1 finite.
-    """
+    """Binormal d′ of one tuned model's refusals over the given questions (`grait.scoring`)."""
     k, u = refused[known], refused[~known]
-    hit = (u.sum() + 0.5) / (len(u) + 1)
-    false_alarm = (k.sum() + 0.5) / (len(k) + 1)
-    return _Z(float(hit)) - _Z(float(false_alarm))
+    return scoring.separability(int(u.sum()), len(u), int(k.sum()), len(k))
 
 
 def separability_of(method: str) -> Callable[[SeedCurves, np.ndarray], float]:
