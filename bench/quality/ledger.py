@@ -61,6 +61,7 @@ def _measured(header: list[str], folder: Path) -> str:
 
 
 _VARIANT_SECTIONS = ("selection", "features", "weighting", "craft", "decoding")
+PROTOCOL_STEPS = 16  # the optimizer steps of `tradeoff.STUDY_HYPER` (not imported: torch-free)
 
 
 def _settings(hyper: dict) -> str:
@@ -71,6 +72,9 @@ def _settings(hyper: dict) -> str:
         for key, value in sorted(hyper.get(section, {}).items())
         if (section, key) != ("features", "batch_size")
     ]
+    steps = hyper.get("training", {}).get("max_steps", PROTOCOL_STEPS)
+    if steps != PROTOCOL_STEPS:  # training length is a variant too, shared by every method
+        changed.append(f"training.max_steps={steps}")
     return ", ".join(changed) or "defaults"
 
 

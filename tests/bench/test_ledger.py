@@ -85,6 +85,20 @@ def test_a_study_without_a_registration_or_variant_says_so(tmp_path: Path) -> No
     assert "| 3, 5 | defaults | no |" in render([found])
 
 
+def test_a_study_trained_longer_than_the_protocol_names_its_steps(tmp_path: Path) -> None:
+    for name, steps in (("steps16", 16), ("steps32", 32)):
+        _study(
+            tmp_path,
+            name,
+            {"grait - random-idk": (0.01, (-0.1, 0.1))},
+            hyper={"training": {"max_steps": steps}},
+            seeds=[25],
+            registered=True,
+        )
+    found = {c.study: c.settings for c in comparisons(tmp_path)}
+    assert found == {"steps16": "defaults", "steps32": "training.max_steps=32"}
+
+
 def test_the_command_writes_the_ledger_beside_the_studies(tmp_path: Path, capsys) -> None:
     _study(
         tmp_path,
